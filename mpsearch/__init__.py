@@ -1,0 +1,4 @@
+"""mpsearch: mixed-precision quantization policy search for vision-language models."""
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,179 @@
+"""Artifact plumbing shared by every stage: schema version, provenance, atomic writes.
+
+Every file mpsearch writes carries ``schema`` (an int) and ``provenance`` (who made it, with
+which libraries, on which device, from which seed). Files are written atomically: to a
+temporary file in the same folder, fsynced, then renamed over the target, so a crash never
+leaves a half-written artifact. Readers refuse a schema they do not know.
+
+Example:
+    >>> from mpsearch.artifacts import atomic_write_json, read_json
+    >>> atomic_write_json("/tmp/x.json", {"schema": 1, "kind": "demo"})
+    >>> read_json("/tmp/x.json", kind="demo")["schema"]
+    1
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from mpsearch.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries whose behaviour changes results (None if not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("mpsearch", "torch", "transformers", "bitsandbytes", "optuna", "datasets", "torchao"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    if out["mpsearch"] is None:
+        from mpsearch import __version__
+
+        out["mpsearch"] = __version__
+    return out
+
+
+def utc_now() -> str:
+    """Current UTC time, ISO 8601 with a trailing Z, second resolution."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    """Provenance block: library versions, creation time and whatever the caller adds.
+
+    Example:
+        >>> p = provenance(model="demo", seed=0)
+        >>> p["model"], "torch" in p
+        ('demo', True)
+    """
+    prov: dict[str, Any] = dict(library_versions())
+    prov["created"] = utc_now()
+    prov.update({k: v for k, v in extra.items()})
+    return prov
+
+
+def device_name(device: Any = None) -> str:
+    """Human-readable name of a device: the GPU's name, or the CPU model with thread count."""
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(dev)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu: {cpu} ({os.cpu_count()} cores)"
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write text (UTF-8) atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write JSON atomically, indented, keys in insertion order."""
+    atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=True) + "\n")
+
+
+def read_json(path: str | os.PathLike[str], kind: str | None = None) -> dict[str, Any]:
+    """Read a JSON artifact, refusing what it cannot read.
+
+    Checks that the file exists, parses, is an object, has ``schema == SCHEMA_VERSION`` and,
+    when ``kind`` is given, ``obj["kind"] == kind``. Raises :class:`ArtifactError` naming the
+    file and the problem.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"{p}: no such file")
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{p}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{p}: expected a JSON object, found {type(obj).__name__}")
+    check_header(obj, p, kind)
+    return obj
+
+
+def check_header(obj: Mapping[str, Any], where: Any, kind: str | None = None) -> None:
+    """Check ``schema`` and ``kind`` of a parsed artifact; raise :class:`ArtifactError` if foreign."""
+    if kind is not None and obj.get("kind") != kind:
+        raise ArtifactError(f"{where}: field 'kind' is {obj.get('kind')!r}, expected {kind!r} (is this the right file?)")
+    schema = obj.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{where}: field 'schema' is {schema!r}; this mpsearch reads schema {SCHEMA_VERSION} only"
+        )
+
+
+def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+    """Append one JSON record as a line, flushed and fsynced (crash loses at most this record)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, allow_nan=True) + "\n"
+    with open(p, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSONL file; a torn last line (crash mid-write) is ignored, any other bad line raises."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    lines = p.read_text(encoding="utf-8").split("\n")
+    out: list[dict[str, Any]] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # torn tail: the record in progress when the writer died
+                continue
+            raise ArtifactError(f"{p}:{i + 1}: not a JSON record") from None
+    return out
