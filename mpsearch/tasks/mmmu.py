@@ -36,6 +36,7 @@ Example:
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -64,6 +65,10 @@ __all__ = [
     "parse_open",
     "score_response",
     "subject_from_id",
+    "load",
+    "resolve_subjects",
+    "HUB_ID",
+    "SPLITS",
 ]
 
 # --------------------------------------------------------------------------- subjects
@@ -454,3 +459,112 @@ def aggregate(items: Iterable[tuple[str, bool]]) -> Aggregate:
             out.per_discipline[d] = micro(subs)
     out.overall = micro(out.per_subject)
     return out
+
+
+# --------------------------------------------------------------------------- loading
+HUB_ID = "MMMU/MMMU"
+SPLITS = ("dev", "validation", "test")
+#: Columns a combined (all-subjects) dataset may carry its subject in, first found wins; without
+#: one the subject is read from the id (``validation_Art_Theory_12`` -> ``Art_Theory``).
+SUBJECT_FIELDS = ("subject", "subdomain", "subset", "category", "config")
+_REQUIRED = ("id", "question", "options", "answer", "question_type")
+
+
+def resolve_subjects(subjects: Iterable[str] | str | None) -> list[str] | None:
+    """MMMU subject names from long (``Art_Theory``) or short (``art_theory``) names, any case.
+
+    Example:
+        >>> resolve_subjects(["acc", "art theory"])
+        ['Accounting', 'Art_Theory']
+    """
+    if subjects is None:
+        return None
+    if isinstance(subjects, str):
+        subjects = [s for s in subjects.split(",") if s.strip()]
+    lookup = {s.lower(): s for s in SUBJECTS}
+    lookup.update({k.lower(): v for k, v in CAT_SHORT2LONG.items()})
+    out: list[str] = []
+    for s in subjects:
+        key = str(s).strip().lower().replace(" ", "_")
+        if key not in lookup:
+            raise MpsError(f"subjects: {s!r} is not an MMMU subject; valid: {', '.join(SUBJECTS)} "
+                           f"(or the short names {', '.join(CAT_SHORT2LONG)})")
+        if lookup[key] not in out:
+            out.append(lookup[key])
+    return out
+
+
+def _mmmu_segment(ds: Any, hint: str | None, where: str) -> Any:
+    from mpsearch.tasks import base
+
+    base.require_columns(ds, where, _REQUIRED, "MMMU")
+    n = len(ds)
+    if hint in SUBJECTS:
+        subj = [hint] * n
+    else:
+        col = next((c for c in SUBJECT_FIELDS if c in ds.column_names), None)
+        subj = [str(s) for s in base.column(ds, col)] if col else [subject_from_id(i) for i in base.column(ds, "id")]
+    ids = [str(i) for i in base.column(ds, "id")]
+    qtypes = [str(t) for t in base.column(ds, "question_type")]
+    answers = base.column(ds, "answer")
+    options = base.column(ds, "options")
+    questions = [
+        base.Question(ids[k], subj[k], qtypes[k], base._parse_options(options[k], f"{where} row {k} ({ids[k]})"),
+                      base.parse_answer(answers[k]))
+        for k in range(n)
+    ]
+
+    def mapper(row: dict, j: int) -> dict:
+        out = dict(row)
+        for i in range(1, base.MAX_IMAGES + 1):
+            out.setdefault(f"image_{i}", None)
+        out["subject"] = subj[j]
+        return out
+
+    return base.Segment(ds, where, list(range(n)), questions, mapper)
+
+
+def load(split: str = "validation", path: str | os.PathLike[str] | None = None,
+         subjects: Iterable[str] | str | None = None, limit: int | None = None) -> Any:
+    """Load MMMU (all 30 subjects, or ``subjects``) as a :class:`mpsearch.tasks.base.Benchmark`.
+
+    ``path``: a local directory (layouts in ``base.LOCAL_LAYOUTS``) or a hub id; None: the hub
+    cache, then ``load_dataset("MMMU/MMMU", subject)`` per subject (the hub, or the datasets cache).
+
+    Example:
+        >>> bench = load("validation", path="data/mmmu", subjects=["Art"])  # doctest: +SKIP
+    """
+    from pathlib import Path
+
+    from mpsearch.tasks import base
+
+    if split not in SPLITS:
+        raise MpsError(f"mmmu: split {split!r} does not exist; valid: {', '.join(SPLITS)}")
+    wanted = resolve_subjects(subjects)
+    hub = base.HubState()
+    repo = HUB_ID
+    raw: list[tuple[str | None, Any, str]] = []
+    source = ""
+    if path is not None and Path(path).expanduser().is_dir():
+        root = Path(path).expanduser()
+        raw = base.local_segments(root, split)
+        source = str(root)
+    elif path is not None and not base.is_hub_id(str(path)):
+        raise MpsError(f"{path}: no such directory (pass a directory saved with datasets.save_to_disk, "
+                       f"a snapshot of {HUB_ID}, or a hub id such as {HUB_ID})")
+    else:
+        repo = str(path) if path is not None else HUB_ID
+        raw = base.hub_snapshot_segments(repo, split)
+        source = f"hub cache {repo}" if raw else ""
+        if raw and wanted:
+            raw = [r for r in raw if r[0] is None or r[0] in wanted]
+        if not raw:
+            try:
+                for subject in wanted or SUBJECTS:
+                    ds = base.load_hub_config(repo, subject, split, hub)
+                    raw.append((subject, ds, f"{repo}/{subject}"))
+            except base.NotFound:
+                raise MpsError(base.not_found_message("mmmu", repo, split, hub)) from None
+            source = f"{repo} via datasets.load_dataset ({hub.describe()})"
+    segments = [_mmmu_segment(ds, hint, where) for hint, ds, where in raw]
+    return base.assemble("mmmu", split, segments, wanted, limit, source)
