@@ -454,36 +454,45 @@ def test_module_bank_builds_once_and_reports_changes() -> None:
 
 
 # -- a real transformers model -----------------------------------------------------------------
-def _tiny_transformer() -> nn.Module:
-    try:
-        from mpsearch.models import load_vlm
+def _tiny_vlm() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """tiny:llava from mpsearch.models with one image and a prompt (its own processor)."""
+    from PIL import Image
 
-        model, _ = load_vlm("tiny:llava")
-        return model
-    except (ImportError, AttributeError, MpsError):
-        from transformers import LlamaConfig, LlamaForCausalLM
+    from mpsearch.models import load_vlm
 
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-        return LlamaForCausalLM(cfg)
+    model, processor = load_vlm("tiny:llava")
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is it?"}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    inputs = processor(images=Image.new("RGB", (64, 64), (200, 30, 30)), text=text, return_tensors="pt")
+    return model.eval(), dict(inputs)
 
 
 @torch.no_grad()
-def test_transformers_model_mixed_policy() -> None:
-    model = _tiny_transformer().eval()
-    names = list(current_formats(model))
-    assert len(names) >= 8
+def test_transformers_vlm_mixed_policy() -> None:
+    model, inputs = _tiny_vlm()
+    ref = model(**inputs).logits
+    from mpsearch.models import discover_layers
+
+    names = [layer.name for layer in discover_layers(model)]
+    assert list(current_formats(model)) == names  # the same universe as layer discovery
     policy = Policy({names[0]: "bnb.nf4", names[1]: "torch.int8dyn", names[-1]: "bnb.int8"}, default="fp32",
-                    rules=[("*mlp*", "rtn.int3")])
+                    rules=[("*vision_tower*mlp*", "rtn.int2"), ("*language_model*", "rtn.int4")])
     predicted = policy_memory_bytes(model, policy)
     report = apply_policy(model, policy)
-    assert {c.name: c.new_format for c in report.changes} == {n: policy.format_for(n) for n in names if policy.format_for(n) != "fp32"}
-    assert module_bytes(model) == predicted
-    ids = torch.tensor([[1, 2, 3, 4, 5]])
-    if hasattr(model.config, "vision_config"):
-        pytest.skip("forward of a VLM needs pixel inputs; the layer swap and bytes were checked")
-    assert torch.isfinite(model(input_ids=ids).logits).all()
+    expected = {n: policy.format_for(n) for n in names if policy.format_for(n) != "fp32"}
+    assert {c.name: c.new_format for c in report.changes} == expected and len(expected) > 10
+    assert current_formats(model) == {n: policy.format_for(n) for n in names}
+    assert module_bytes(model) == predicted < module_bytes(_tiny_vlm()[0])
+    out = model(**inputs).logits
+    assert out.shape == ref.shape and torch.isfinite(out).all() and 0 < sqnr_db(ref, out) < 60
+
+
+def test_multihead_attention_children_are_not_layers() -> None:
+    model = nn.Sequential(nn.Linear(16, 16))
+    model.add_module("mha", nn.MultiheadAttention(16, 2))  # reads out_proj.weight directly: not swappable
+    assert list(current_formats(model)) == ["0"]
+    apply_policy(model, Policy({}, default="rtn.int4"))
+    assert type(model.mha.out_proj) is not QuantizedLinear
 
 
 # -- optional: torchao on GPU ------------------------------------------------------------------

@@ -46,10 +46,20 @@ from mpsearch.formats.apply import (
     ModuleBank,
     apply_policy,
     current_formats,
-    get_module,
     policy_memory_bytes,
-    set_module,
 )
+
+
+def _register_with_models() -> None:
+    """Let :func:`mpsearch.models.discover_layers` list swapped layers as linear layers."""
+    from mpsearch import models
+
+    extra = getattr(models, "_EXTRA_LINEAR_TYPES", None)
+    if isinstance(extra, list) and QuantizedLinear not in extra:
+        extra.append(QuantizedLinear)
+
+
+_register_with_models()
 
 __all__ = [
     "AppliedReport",
@@ -72,10 +82,8 @@ __all__ = [
     "device_type",
     "dtype_format",
     "get_format",
-    "get_module",
     "module_bytes",
     "policy_memory_bytes",
     "register_format",
     "register_hidden_tensors",
-    "set_module",
 ]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mpsearch.errors import MpsError
+from mpsearch.models import set_module
 from mpsearch.formats.base import (
     Format,
     QuantizedLinear,
@@ -49,17 +50,30 @@ def _slot(name: str, m: nn.Module) -> _Slot:
     return _Slot(name, m, fmt, m.in_features, m.out_features, m.bias is not None, m.weight.dtype)
 
 
+def _unswappable_parents() -> tuple[type, ...]:
+    """Modules whose Linear children are read directly (``nn.MultiheadAttention``): not layers.
+
+    The same rule as :func:`mpsearch.models.discover_layers`, so both see the same universe.
+    """
+    from mpsearch import models
+
+    return tuple(getattr(models, "_UNSWAPPABLE_PARENTS", (nn.MultiheadAttention,)))
+
+
 def _all_slots(model: nn.Module) -> dict[str, _Slot]:
     out: dict[str, _Slot] = {}
-    inside: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
+    parents = _unswappable_parents()
     for name, m in model.named_modules():
-        if inside and name.startswith(inside):
+        if skip and name.startswith(skip):
             continue
-        if isinstance(m, (QuantizedLinear, nn.Linear)):
+        if isinstance(m, parents):
+            skip = skip + (f"{name}." if name else "",)
+        elif isinstance(m, (QuantizedLinear, nn.Linear)):
             if name == "":
                 raise MpsError("the model is a bare Linear; wrap it in a module (e.g. nn.Sequential) to name the layer")
             out[name] = _slot(name, m)
-            inside = inside + (name + ".",)
+            skip = skip + (name + ".",)  # a swapped layer's insides are not layers
     return out
 
 
@@ -98,21 +112,6 @@ def _targets(policy: Any, slots: dict[str, _Slot]) -> dict[str, Format]:
         except MpsError as exc:
             raise MpsError(f"layer {name!r}: {exc}") from None
     return out
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule at ``name`` (a dotted path). Example: ``get_module(model, "0")``."""
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise MpsError(f"no module {name!r} in the model") from None
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at ``name`` (a dotted path) in place of what is there."""
-    parent_name, _, child = name.rpartition(".")
-    parent = get_module(model, parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def current_formats(model: nn.Module) -> dict[str, str]:

@@ -190,6 +190,14 @@ class QuantizedLinear(nn.Module):
         self.layer_dtype = layer_dtype
         self.compute_dtype = compute_dtype
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias the backend keeps (None without one), so code reading ``.bias`` of Linears works."""
+        if not self.has_bias:
+            return None
+        b = getattr(self.inner, "bias", None)
+        return b() if callable(b) else b  # torch's dynamic quantized Linear has a bias() method
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x if x.dtype == self.compute_dtype else x.to(self.compute_dtype))
         return y if y.dtype == x.dtype else y.to(x.dtype)
