@@ -54,7 +54,9 @@ def _load_synthetic(split: str, path: object, subjects: Iterable[str] | str | No
     seg = base.Segment(rows, source, list(range(len(rows))),
                        [base.question_of(r, f"synthetic {split} row {i}") for i, r in enumerate(rows)],
                        lambda row, j: row)
-    return base.assemble("synthetic", split, [seg], wanted, limit if wanted else None, source)
+    bench = base.assemble("synthetic", split, [seg], wanted, limit if wanted else None, source)
+    bench.limit = None if limit is None else int(limit)
+    return bench
 
 
 def load_benchmark(name: str, split: str = "validation", path: str | os.PathLike[str] | None = None,

@@ -203,6 +203,7 @@ class Benchmark:
     source: str = ""
     questions: list[Question] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    limit: int | None = None
 
     def __post_init__(self) -> None:
         if not self.questions:
@@ -258,7 +259,8 @@ class Benchmark:
         """A benchmark of the rows at ``order`` (same name, split and source)."""
         order = [int(i) for i in order]
         rows = self.rows.take(order) if isinstance(self.rows, LazyRows) else [self.rows[i] for i in order]
-        return Benchmark(self.name, self.split, rows, self.source, [self.questions[i] for i in order], list(self.notes))
+        return Benchmark(self.name, self.split, rows, self.source, [self.questions[i] for i in order],
+                         list(self.notes), self.limit)
 
 
 def question_of(row: Mapping[str, Any], where: str) -> Question:
@@ -558,6 +560,7 @@ def assemble(name: str, split: str, segments: Sequence[Segment], subjects: Seque
             raise MpsError(f"limit={limit}: must be a positive number of questions")
         order = interleave_by_subject([q.subject for q in questions])[: int(limit)]
         bench = bench.select(order)
+        bench.limit = int(limit)
         if len(bench.subjects) > 1:
             bench.notes.append(f"limit {limit}: first {len(bench)} questions taken round-robin over subjects")
     return bench
