@@ -437,3 +437,97 @@ def test_spearman_against_scipy_and_agreement_by_group():
     ag = agreement(a, b, groups)
     assert set(ag) == {"all", "vision", "language"} and ag["all"]["all"] == pytest.approx(expected)
     assert ag["vision"]["x"] == pytest.approx(spearmanr(a_vals[:3], b_vals[:3]).statistic)
+
+
+# --------------------------------------------------------------------------- tiny VLM end to end
+@pytest.fixture(scope="module")
+def tiny_llava():
+    import mpsearch as mps
+    from mpsearch.tasks import synthetic
+
+    model, processor = mps.load_vlm("tiny:llava")
+    model.config.vision_feature_layer = -2  # as real LLaVA: the last vision layer never reaches the loss
+    layers = mps.discover_layers(model)
+    rows = synthetic.generate("dev", 6, seed=0)
+    return model, processor, layers, rows
+
+
+@pytest.mark.parametrize("method", ["hessian", "fisher", "activation", "kl"])
+def test_profile_tiny_llava_end_to_end(tiny_llava, method, tmp_path):
+    from mpsearch.sensitivity import SensitivityReport, profile
+
+    model, processor, layers, rows = tiny_llava
+    space = _space(["fp32", "rtn.int4", "rtn.int2"])
+    attn_before = model.config._attn_implementation
+    r = profile(model, processor, rows, layers, space, method=method, n_samples=4, batch_size=2, n_probes=3,
+                progress=False)
+    assert model.config._attn_implementation == attn_before and not model.training
+    assert list(r.scores) == [l.name for l in layers]
+    assert all(set(s) == {"fp32", "rtn.int4", "rtn.int2"} for s in r.scores.values())
+    last_vision = max(l.depth for l in layers if l.group == "vision")
+    dead = sorted(l.name for l in layers if l.group == "vision" and l.depth == last_vision)
+    assert sorted(r.dead) == dead and len(dead) >= 4
+    assert all(v == 0.0 for n in dead for v in r.scores[n].values())
+    live = [l.name for l in layers if l.name not in dead]
+    assert all(r.scores[n]["rtn.int2"] > 0 or method == "hessian" for n in live)
+    assert all(abs(r.scores[n]["fp32"]) < 1e-6 for n in live)
+    assert r.meta["n_samples"] == 4 and r.meta["groups"][layers[0].name] == "vision"
+    if method == "hessian":
+        assert r.meta["hvp"] == "hvp" and r.meta["attn_implementation"] == "eager" and r.meta["n_probes"] == 3
+    if method == "fisher":
+        assert r.meta["n_batches"] == 4  # one backward per sample
+    if method == "kl":
+        assert all(len(v) == 3 for v in r.meta["tie_groups"].values())
+    r.to_json(tmp_path / "s.json")
+    back = SensitivityReport.from_json(tmp_path / "s.json")
+    assert back.scores == r.scores and back.dead == r.dead
+    assert set(back.group_summary()) == {"vision", "projector", "language", "head"}
+    assert "does not reach the output" in back.summary_text()
+
+
+def test_hessian_fd_and_checkpointing_on_tiny_llava(tiny_llava):
+    from mpsearch.sensitivity import profile
+
+    model, processor, layers, rows = tiny_llava
+    space = _space(["fp32", "rtn.int4"])
+    kw = dict(n_samples=2, batch_size=2, n_probes=2, seed=5, progress=False)
+    exact = profile(model, processor, rows, layers, space, method="hessian", **kw)
+    ckpt = profile(model, processor, rows, layers, space, method="hessian", gradient_checkpointing=True, **kw)
+    fd = profile(model, processor, rows, layers, space, method="hessian", hvp="fd", **kw)
+    assert fd.meta["hvp"] == "fd" and fd.meta["attn_implementation"] == "sdpa"  # fd runs with the fused kernel
+    assert not model.is_activation_checkpointing  # switched off again
+    for n in exact.meta["trace"]:
+        t = exact.meta["trace"][n]
+        assert ckpt.meta["trace"][n] == pytest.approx(t, rel=1e-4, abs=1e-6)
+        assert fd.meta["trace"][n] == pytest.approx(t, rel=2e-2, abs=2e-3)
+    with pytest.raises(MpsError, match="valid: auto, hvp, fd"):
+        profile(model, processor, rows, layers, space, method="hessian", hvp="exact", **kw)
+    with pytest.raises(MpsError, match="valid: hessian, fisher, activation, kl"):
+        profile(model, processor, rows, layers, space, method="taylor", **kw)
+
+
+def test_calibration_targets_gold_answers_or_the_models_own(tiny_llava):
+    from mpsearch.sensitivity.calib import answer_loss, calibration_batches, greedy_answers
+
+    model, processor, _, rows = tiny_llava
+    withheld = [dict(rows[0], answer="?"), rows[1]]
+    batches = calibration_batches(model, processor, withheld, n_samples=2, batch_size=2)
+    assert batches[0]["answer_source"] == ["model", "gold"]
+    tok = processor.tokenizer
+    labels = batches[0]["labels"]
+    own = greedy_answers(model, processor, [rows[0]])[0]
+    got = tok.decode(labels[0][labels[0] != -100], skip_special_tokens=True).strip()
+    assert got == own.strip()
+    assert tok.decode(labels[1][labels[1] != -100], skip_special_tokens=True).strip() == rows[1]["answer"]
+    # the loss is the mean cross-entropy of exactly those tokens
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batches[0].items() if k not in ("labels", "prompt_last", "answer_source")}).logits
+    lab = labels[:, 1:]
+    ce = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), lab.reshape(-1), ignore_index=-100)
+    with torch.no_grad():
+        assert float(answer_loss(model, batches[0])) == pytest.approx(float(ce), rel=1e-5)
+    a = calibration_batches(model, processor, rows, n_samples=3, seed=1)
+    b = calibration_batches(model, processor, rows, n_samples=3, seed=1)
+    assert torch.equal(a[0]["input_ids"], b[0]["input_ids"])
+    with pytest.raises(MpsError, match="empty"):
+        calibration_batches(model, processor, [], n_samples=2)

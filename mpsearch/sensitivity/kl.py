@@ -45,7 +45,7 @@ def reference_logits(model: nn.Module, batches: Sequence[Mapping[str, Any]], pro
 
 
 def kl_rows(model: nn.Module, batches: Sequence[Mapping[str, Any]], ref: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``KL(p_ref || p_model)`` per row (fp32, CPU), rows of all batches concatenated."""
+    """``KL(p_ref || p_model)`` per row (computed in float64, CPU), rows of all batches concatenated."""
     if len(batches) != len(ref):
         raise MpsError(f"kl: {len(batches)} batches but {len(ref)} reference logit tensors")
     out = []
@@ -54,8 +54,10 @@ def kl_rows(model: nn.Module, batches: Sequence[Mapping[str, Any]], ref: Sequenc
         r = r.to(q.device).float()
         if r.shape != q.shape:
             raise MpsError(f"kl: reference logits have shape {tuple(r.shape)}, the model gives {tuple(q.shape)} (another model or batches?)")
-        log_p = torch.log_softmax(r, dim=-1)
-        log_q = torch.log_softmax(q, dim=-1)
+        # float64: the KL of nearby distributions is a small difference of large sums, and
+        # fp32 rounding alone gives |KL| ~ 1e-7 (even negative values)
+        log_p = torch.log_softmax(r.double(), dim=-1)
+        log_q = torch.log_softmax(q.double(), dim=-1)
         out.append(nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).cpu())
     return torch.cat(out)
 
