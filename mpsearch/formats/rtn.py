@@ -46,14 +46,16 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: the first ``n`` codes, as uint8."""
-    if 8 % bits == 0:  # whole codes per byte: shift bytes directly
-        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-        codes = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # whole codes per byte: scalar shifts of the bytes (faster than broadcasting)
+        codes = torch.stack([(packed >> s) & mask for s in range(0, 8, bits)], dim=1)
         return codes.reshape(-1)[:n]
     b = packed.view(-1, bits).to(torch.int32)
-    word = (b << (torch.arange(bits, device=packed.device, dtype=torch.int32) * 8)).sum(dim=1)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32) * bits
-    return ((word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)[:n]
+    word = b[:, 0].clone()
+    for i in range(1, bits):
+        word |= b[:, i] << (8 * i)
+    codes = torch.stack([(word >> (bits * i)) & mask for i in range(8)], dim=1)
+    return codes.to(torch.uint8).reshape(-1)[:n]
 
 
 def _grouped(w: torch.Tensor) -> torch.Tensor:
@@ -84,8 +86,10 @@ def dequantize_rtn(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor)
     """``(codes - zero) * scale`` per group, fp32 ``[out, in]``."""
     out_f, in_f = codes.shape
     groups = scale.shape[1]
-    q = F.pad(codes.float(), (0, groups * GROUP - in_f)).view(out_f, groups, GROUP)
-    w = (q - zero.float().unsqueeze(2)) * scale.float().unsqueeze(2)
+    q = codes.float()
+    if groups * GROUP != in_f:
+        q = F.pad(q, (0, groups * GROUP - in_f))
+    w = (q.view(out_f, groups, GROUP) - zero.float().unsqueeze(2)) * scale.float().unsqueeze(2)
     return w.view(out_f, groups * GROUP)[:, :in_f]
 
 
