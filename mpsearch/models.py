@@ -153,7 +153,10 @@ def _is_linear(module: nn.Module) -> bool:
 def _linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     """``(in_features, out_features, has_bias)`` of a linear-like module (not from the weight
     tensor, which a 4-bit layer stores packed)."""
-    return int(module.in_features), int(module.out_features), getattr(module, "bias", None) is not None
+    bias = getattr(module, "bias", None)
+    if callable(bias) and not isinstance(bias, torch.Tensor):  # torch.ao quantized Linear: bias()
+        bias = bias()
+    return int(module.in_features), int(module.out_features), bias is not None
 
 
 def _iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -650,6 +653,15 @@ def _no_video(processor_cls: type) -> type:
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 
+        def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+            if getattr(self, "video_processor", None) is None:
+                raise MpsError(
+                    f"this tiny {processor_cls.__name__} has no video processor and cannot be saved (transformers "
+                    f"would need torchvision to load it back); save the model alone, or use tiny:llava, "
+                    f"tiny:llava_next or tiny:idefics3, whose processors round-trip"
+                )
+            return super().save_pretrained(*args, **kwargs)
+
     _ImageOnly.__name__ = _ImageOnly.__qualname__ = f"{processor_cls.__name__}ImageOnly"
     return _ImageOnly
 
@@ -747,9 +759,11 @@ def _tiny_idefics3(T: Any) -> tuple[Any, type, Any]:
     return config, T.Idefics3ForConditionalGeneration, processor
 
 
-#: ``tiny:<arch>`` names; every one comes with a working processor (images + text; the
-#: OneVision/InternVL/Qwen processors take no videos, as transformers' video processors need
-#: torchvision). Idefics3 is SmolVLM's architecture.
+#: ``tiny:<arch>`` names; every one comes with a working processor (images + text). The
+#: OneVision/InternVL/Qwen2(.5)-VL processors take no videos (transformers' video processors need
+#: torchvision) and refuse ``save_pretrained``; the llava, llava_next and idefics3 ones round-trip
+#: through ``save_pretrained`` + :func:`load_vlm`. Every tiny *model* does. Idefics3 is SmolVLM's
+#: architecture.
 TINY_ARCHS: dict[str, Callable[[Any], tuple[Any, type, Any]]] = {
     "llava": _tiny_llava,
     "llava_next": _tiny_llava_next,

@@ -10,7 +10,6 @@ import argparse
 import json
 import re
 import time
-import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -389,6 +388,22 @@ def test_saved_tiny_model_loads_back_identically(tmp_path):
     assert all(torch.equal(inputs[k], again[k]) for k in inputs)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, loaded(**again).logits)
+
+
+def test_round_trip_of_other_tiny_archs(tmp_path):
+    model, processor = tiny("idefics3")
+    model.save_pretrained(tmp_path / "idefics3")
+    processor.save_pretrained(tmp_path / "idefics3")
+    loaded, lproc = load_vlm(str(tmp_path / "idefics3"))
+    assert type(lproc).__name__ == "Idefics3Processor"
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    model, processor = tiny("internvl")  # image-only processor: no torchvision, so it cannot be saved
+    model.save_pretrained(tmp_path / "internvl")
+    with pytest.raises(MpsError, match="has no video processor and cannot be saved"):
+        processor.save_pretrained(tmp_path / "internvl")
+    loaded, none = load_vlm(str(tmp_path / "internvl"), load_processor=False)
+    assert none is None and loaded.lm_head.weight is loaded.model.language_model.embed_tokens.weight
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_demo_goes_through_the_directory_path(tmp_path, monkeypatch):
