@@ -365,3 +365,21 @@ def test_cli_bad_input_exits_2(tmp_path):
     assert code == 2
     assert cli.main(["evaluate", "tiny:llava", "--benchmark", "mmmu", "--split", "test", "--data",
                      str(tmp_path / "none"), "-o", str(tmp_path / "r.jsonl")]) == 2
+
+
+def test_latency_measured_and_predicted(tiny, bench):
+    latency = pytest.importorskip("mpsearch.latency")
+    if not hasattr(latency, "measure_model_latency"):
+        pytest.skip("mpsearch.latency.measure_model_latency not written yet")
+
+    class Table:  # the one method evaluate uses
+        def predict(self, policy):
+            return 1.5 if policy.default == "fp32" else 0.75
+
+    model, processor = tiny
+    q = Policy({}, default="rtn.int4", meta={"label": "int4"})
+    rs = evaluate(model, processor, [q], bench, workload=latency.Workload(repeats=2, warmup=0),
+                  latency_table=Table(), progress=False, n_boot=50)
+    assert all(r.latency_ms is not None and r.latency_ms > 0 for r in rs)
+    assert [r.predicted_latency_ms for r in rs] == [1.5, 0.75]
+    assert not any("latency not measured" in n for r in rs for n in r.notes)

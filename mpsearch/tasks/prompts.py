@@ -142,12 +142,15 @@ def encode_batch(
         text, imgs = render_prompt(processor, s, placement)
         prompts.append(text)
         images.extend(imgs)
-    # Length of each rendered prompt in tokens, with image tokens expanded by the processor.
-    prompt_lens = []
-    for s, p in zip(samples, prompts):
-        imgs = to_messages(s, placement)[1]
-        enc = processor(text=[p], images=imgs or None, return_tensors="pt")
-        prompt_lens.append(int(enc["input_ids"].shape[1]))
+    # Length of each rendered prompt in tokens, with image tokens expanded by the processor. Without
+    # answers the whole row is the prompt, so the batch's attention mask gives it (no second pass).
+    prompt_lens: list[int] | None = None
+    if answers is not None:
+        prompt_lens = []
+        for s, p in zip(samples, prompts):
+            imgs = to_messages(s, placement)[1]
+            enc = processor(text=[p], images=imgs or None, return_tensors="pt")
+            prompt_lens.append(int(enc["input_ids"].shape[1]))
     full = prompts if answers is None else [p + str(a) + (tok.eos_token or "") for p, a in zip(prompts, answers)]
     old_side = tok.padding_side
     tok.padding_side = padding_side
@@ -160,8 +163,10 @@ def encode_batch(
     seq_len = mask.shape[1]
     lengths = mask.sum(dim=1)
     pad_left = (seq_len - lengths) if padding_side == "left" else torch.zeros_like(lengths)
-    out["prompt_last"] = torch.tensor([int(pl) + n - 1 for pl, n in zip(pad_left, prompt_lens)], dtype=torch.long)
+    lens = [int(n) for n in lengths] if prompt_lens is None else prompt_lens
+    out["prompt_last"] = torch.tensor([int(pl) + n - 1 for pl, n in zip(pad_left, lens)], dtype=torch.long)
     if answers is not None:
+        assert prompt_lens is not None
         labels = out["input_ids"].clone()
         for i, (pl, n, length) in enumerate(zip(pad_left, prompt_lens, lengths)):
             labels[i, : int(pl) + n] = -100
