@@ -531,3 +531,59 @@ def test_calibration_targets_gold_answers_or_the_models_own(tiny_llava):
     assert torch.equal(a[0]["input_ids"], b[0]["input_ids"])
     with pytest.raises(MpsError, match="empty"):
         calibration_batches(model, processor, [], n_samples=2)
+
+
+# --------------------------------------------------------------------------- CLI and plot
+def test_cli_profile_compare_and_errors(tmp_path, capsys):
+    from mpsearch.cli import main
+    from mpsearch.sensitivity import SensitivityReport
+
+    a, b = tmp_path / "act.json", tmp_path / "kl.json"
+    space = tmp_path / "space.yaml"
+    space.write_text("name: t\ngroups:\n  vision: [fp32, rtn.int4]\n  projector: [fp32]\n  language: [fp32, rtn.int4, rtn.int2]\n"
+                     "  head: [fp32]\ntie: [[q_proj, k_proj, v_proj]]\n")
+    common = ["--data", "synthetic", "--split", "dev", "--samples", "2", "--batch-size", "2", "--space", str(space), "--quiet"]
+    assert main(["profile", "tiny:llava", "--method", "activation", *common, "-o", str(a), "--plot", str(tmp_path / "h")]) == 0
+    out = capsys.readouterr().out
+    assert "sensitivity (activation)" in out and "total per group" in out and f"wrote {a}" in out
+    assert (tmp_path / "h.png").stat().st_size > 0 and (tmp_path / "h.svg").stat().st_size > 0
+    r = SensitivityReport.from_json(a)
+    assert r.method == "activation" and r.meta["model"] == "tiny:llava" and r.meta["search_space"] == "t"
+    assert set(r.scores["lm_head"]) == {"fp32"}
+    assert main(["profile", "tiny:llava", "--method", "kl", *common, "-o", str(b), "--compare", str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "Spearman rank agreement" in out and "language" in out and "rtn.int4" in out
+    assert main(["profile", "--compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "activation" in out and "kl" in out and "vision" in out
+    # user errors: one line, exit 2
+    assert main(["profile", "--compare", str(a)]) == 2
+    assert main(["profile", "tiny:llava", "--data", "nowhere", "-o", str(tmp_path / "x.json")]) == 2
+    (tmp_path / "bad.json").write_text('{"schema": 1, "kind": "latency"}')
+    assert main(["profile", "--compare", str(a), str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 3 and "kind" in err and "nowhere" in err
+
+
+def test_heatmap_vision_and_language_side_by_side(tmp_path):
+    from mpsearch.plots import sensitivity_heatmap, sensitivity_matrix
+    from mpsearch.sensitivity import SensitivityReport
+
+    scores, groups, depths = {}, {}, {}
+    for g, n_blocks in (("vision", 3), ("language", 4)):
+        for d in range(n_blocks):
+            for leaf in ("q", "fc"):
+                name = f"{g}.{d}.{leaf}"
+                scores[name] = {"fp32": 0.0, "int8": 0.1 * (d + 1), "int4": 1.0 * (d + 1)}
+                groups[name], depths[name] = g, d
+    scores["head"], groups["head"], depths["head"] = {"fp32": 0.0}, "head", None
+    r = SensitivityReport(scores, method="kl", meta={"groups": groups, "depths": depths, "dead": ["vision.2.q", "vision.2.fc"]})
+    ds, fmts, vals, dead = sensitivity_matrix(r, None, "language")
+    assert ds == [0, 1, 2, 3] and fmts == ["fp32", "int8", "int4"] and vals[3] == [0.0, pytest.approx(0.8), 8.0]
+    assert sensitivity_matrix(r, None, "vision")[3] == {2}
+    paths = sensitivity_heatmap(r, None, tmp_path / "sub" / "heat")
+    assert [p.name for p in paths] == ["heat.png", "heat.svg"]
+    assert paths[0].read_bytes()[:4] == b"\x89PNG" and b"<svg" in paths[1].read_bytes()[:400]
+    with pytest.raises(MpsError, match="no vision or language"):
+        sensitivity_heatmap(SensitivityReport({"head": {"x": 1.0}}, meta={"groups": {"head": "head"}, "depths": {}}), None,
+                            tmp_path / "none")

@@ -160,14 +160,19 @@ class SensitivityReport:
             summ = self.group_summary(layers)
         except MpsError:
             summ = {}
-        for group, per in summ.items():
-            cells = ", ".join(f"{f} total {v['total']:.4g} mean {v['mean']:.4g}" for f, v in per.items())
-            lines.append(f"  {group:<9} ({int(next(iter(per.values()))['n']) if per else 0} layers): {cells}")
+        if summ:
+            fmts = self.formats()
+            for stat in ("total", "mean"):
+                lines.append(f"  {stat + ' per group':<18} " + " ".join(f"{f:>13}" for f in fmts))
+                for group, per in summ.items():
+                    n = int(max((v["n"] for v in per.values()), default=0))
+                    cells = " ".join(f"{per[f][stat]:>13.4g}" if f in per else f"{'-':>13}" for f in fmts)
+                    lines.append(f"  {group:<9} {n:>4} ly  {cells}")
         rank = self.ranking()
         if rank:
-            lines.append("  most sensitive:  " + ", ".join(f"{n} ({s:.3g})" for n, s in rank[:top]))
+            lines.append("  most sensitive (largest score over formats):  " + ", ".join(f"{n} ({s:.3g})" for n, s in rank[:top]))
             live = [kv for kv in rank if kv[0] not in set(self.dead)]
-            lines.append("  least sensitive: " + ", ".join(f"{n} ({s:.3g})" for n, s in live[::-1][:top]))
+            lines.append("  least sensitive (largest score over formats): " + ", ".join(f"{n} ({s:.3g})" for n, s in live[::-1][:top]))
         neg = self.meta.get("negative_trace") or []
         if neg:
             lines.append(f"  {len(neg)} layer(s) with a negative Hessian trace estimate, scored 0: " + ", ".join(neg[:top])
