@@ -302,9 +302,7 @@ def _run_pass(model: Any, processor: Any, bench: Any, positions: Sequence[int], 
             inputs = _to_model(enc, model)
             with torch.inference_mode():
                 if mode == "logits":
-                    logits = model(**inputs).logits
-                    rows = torch.arange(len(chunk), device=logits.device)
-                    last = logits[rows, enc["prompt_last"].to(logits.device)].float()
+                    last = _last_logits(model, inputs, enc["prompt_last"])
                     texts: list[str] | None = None
                 else:
                     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -339,6 +337,27 @@ def _run_pass(model: Any, processor: Any, bench: Any, positions: Sequence[int], 
     finally:
         bar.close()
     return out
+
+
+def _last_logits(model: Any, inputs: Mapping[str, Any], prompt_last: Any) -> Any:
+    """Float32 next-token logits ``[rows, vocab]`` at each row's ``prompt_last``.
+
+    Models whose forward takes ``logits_to_keep`` (transformers' own classes) compute the head on
+    those positions only, not on the whole sequence (a [batch, seq, vocab] tensor).
+    """
+    import inspect
+
+    import torch
+
+    rows = torch.arange(prompt_last.shape[0])
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        keep = torch.unique(prompt_last)  # sorted
+        dev = inputs["input_ids"].device
+        logits = model(**inputs, logits_to_keep=keep.to(dev)).logits
+        col = torch.searchsorted(keep, prompt_last)
+        return logits[rows.to(logits.device), col.to(logits.device)].float()
+    logits = model(**inputs).logits
+    return logits[rows.to(logits.device), prompt_last.to(logits.device)].float()
 
 
 def _bootstrap_ci(correct: Sequence[bool], n_boot: int, seed: int) -> tuple[float, float]:

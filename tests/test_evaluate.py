@@ -383,3 +383,21 @@ def test_latency_measured_and_predicted(tiny, bench):
     assert all(r.latency_ms is not None and r.latency_ms > 0 for r in rs)
     assert [r.predicted_latency_ms for r in rs] == [1.5, 0.75]
     assert not any("latency not measured" in n for r in rs for n in r.notes)
+
+
+def test_cli_answerless_split_exits_2_and_writes_nothing(tmp_path, capsys):
+    from datasets import Dataset, DatasetDict
+
+    cli = pytest.importorskip("mpsearch.cli")
+    rows = [{"id": f"test_Art_{k}", "question": "<image 1> Which?", "options": "['x', 'y']", "answer": "?",
+             "question_type": "multiple-choice", "image_1": _img()} for k in range(1, 3)]
+    DatasetDict({"test": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "mmmu"))
+    capsys.readouterr()  # drop the save progress bar
+    out = tmp_path / "r.jsonl"
+    code = cli.main(["evaluate", "tiny:llava", "--benchmark", "mmmu", "--split", "test", "--data",
+                     str(tmp_path / "mmmu"), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: mmmu split 'test': answers are withheld (2 of 2 rows")
+    assert code == 2
