@@ -10,6 +10,7 @@ rtn.int3 ~17.1, rtn.int2 ~9.9.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import sys
 
 import pytest
@@ -34,12 +35,17 @@ from mpsearch.formats import (
 from mpsearch.formats.rtn import GROUP, pack_codes, unpack_codes
 from mpsearch.policy import Policy
 
-try:
-    import torchao  # noqa: F401
+HAVE_AO = importlib.util.find_spec("torchao") is not None  # found, not imported (slow import)
 
-    HAVE_AO = True
-except ImportError:
-    HAVE_AO = False
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> object:
+    """One intra-op thread: these layers are tiny, and on a shared 2-core machine a second
+    thread mostly waits (wall time several times the CPU time)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 EXPECTED = ["fp32", "bf16", "fp16", "bnb.int8", "bnb.nf4", "bnb.fp4", "torch.int8dyn",
             "rtn.int4", "rtn.int3", "rtn.int2", "ao.int8wo", "ao.int4wo", "ao.fp8"]
@@ -47,7 +53,7 @@ CPU_FORMATS = [f for f in EXPECTED if "cpu" in FORMATS[f].devices and (HAVE_AO o
 FLOOR_DB = {"fp32": 200.0, "fp16": 64.0, "bf16": 47.0, "ao.int8wo": 45.0, "bnb.int8": 38.0,
             "torch.int8dyn": 30.0, "rtn.int4": 21.5, "bnb.nf4": 18.5, "bnb.fp4": 17.0,
             "rtn.int3": 15.0, "rtn.int2": 8.0}
-SHAPES = [(256, 256), (100, 33), (1024, 96)]  # (in, out); 100 is not a multiple of the groups
+SHAPES = [(256, 256), (100, 33), (512, 64)]  # (in, out); 100 is not a multiple of the groups
 
 
 def _layer(in_f: int, out_f: int, bias: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Linear:
@@ -477,12 +483,12 @@ def test_transformers_vlm_mixed_policy() -> None:
     assert list(current_formats(model)) == names  # the same universe as layer discovery
     policy = Policy({names[0]: "bnb.nf4", names[1]: "torch.int8dyn", names[-1]: "bnb.int8"}, default="fp32",
                     rules=[("*vision_tower*mlp*", "rtn.int2"), ("*language_model*", "rtn.int4")])
-    predicted = policy_memory_bytes(model, policy)
+    predicted, full = policy_memory_bytes(model, policy), module_bytes(model)
     report = apply_policy(model, policy)
     expected = {n: policy.format_for(n) for n in names if policy.format_for(n) != "fp32"}
     assert {c.name: c.new_format for c in report.changes} == expected and len(expected) > 10
     assert current_formats(model) == {n: policy.format_for(n) for n in names}
-    assert module_bytes(model) == predicted < module_bytes(_tiny_vlm()[0])
+    assert module_bytes(model) == predicted < full
     out = model(**inputs).logits
     assert out.shape == ref.shape and torch.isfinite(out).all() and 0 < sqnr_db(ref, out) < 60
 
