@@ -24,8 +24,9 @@ Answer modes:
   the generation prompt: the bare letter, and the letter after a space when that is a different
   token). Open questions cannot be answered this way: they are skipped and counted in
   ``n_skipped`` (accuracy is over multiple-choice questions only).
-* ``generate``: greedy decoding, ``max_new_tokens`` new tokens, left padding; only the new
-  tokens are decoded, then parsed by the official MMMU rules (:mod:`mpsearch.tasks.mmmu`).
+* ``generate``: greedy decoding (one beam, no repetition penalty, whatever the model's
+  generation config says), ``max_new_tokens`` new tokens, left padding; only the new tokens are
+  decoded, then parsed by the official MMMU rules (:mod:`mpsearch.tasks.mmmu`).
 
 Results go to ``results_path`` (JSONL, one record per policy, appended and fsynced as each
 policy finishes). A rerun reads the file first and skips every (policy key, benchmark, split,
@@ -306,8 +307,11 @@ def _run_pass(model: Any, processor: Any, bench: Any, positions: Sequence[int], 
                     texts: list[str] | None = None
                 else:
                     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-                    gen = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                                         output_logits=True, return_dict_in_generate=True, pad_token_id=pad)
+                    # Pure greedy: a shipped generation_config's sampling, beams or repetition
+                    # penalty (Qwen2-VL ships 1.05) would change which token comes first.
+                    gen = model.generate(**inputs, do_sample=False, num_beams=1, repetition_penalty=1.0,
+                                         max_new_tokens=max_new_tokens, output_logits=True,
+                                         return_dict_in_generate=True, pad_token_id=pad)
                     last = gen.logits[0].float()
                     new = gen.sequences[:, inputs["input_ids"].shape[1]:]
                     texts = tok.batch_decode(new, skip_special_tokens=True)
