@@ -1,0 +1,459 @@
+"""``mpsearch run``: profile -> latency table -> search -> refine -> evaluate -> export -> plots.
+
+Every stage writes its artifact into the output folder and records, in ``stages.json``, a key
+of its inputs (config values and the hashes of the upstream artifacts) and the hash of what it
+wrote. Rerunning with the same inputs reuses the artifact; changing an input redoes that stage
+and everything downstream. Optuna studies live in ``studies.db`` (SQLite) under names derived
+from the inputs, so an interrupted search or refine resumes where it stopped; evaluation
+results are appended to ``results.jsonl`` one record per policy, so an interrupted evaluation
+loses at most the policy in progress.
+
+Example:
+    >>> from mpsearch.pipeline import RunConfig, run_pipeline
+    >>> summary = run_pipeline(RunConfig(out="runs/demo"))           # doctest: +SKIP
+    >>> print(summary.table())                                       # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from mpsearch._yaml import load_yaml, where
+from mpsearch.artifacts import atomic_write_json, atomic_write_text, provenance, read_json
+from mpsearch.errors import ArtifactError, MpsError
+
+RUN_SCHEMA = 1
+MANIFEST = "stages.json"
+
+
+@dataclass
+class RunConfig:
+    """What ``mpsearch run`` does; every field can be set in the run YAML (``mpsearch_run: 1``).
+
+    ``budget_ms`` None picks a budget halfway between the fastest uniform policy and the
+    full-precision model (both predicted by the latency table); ``budget_mb`` adds a weight
+    memory budget. ``benchmark``/``split`` are what results are reported on; calibration data
+    for profiling and refinement come from ``calib_split`` of the same benchmark (disjoint from
+    the evaluation split). See ``examples/`` for a real-model config.
+
+    Example:
+        >>> RunConfig(model="demo", space="cpu").budget_ms is None
+        True
+    """
+
+    model: str = "demo"
+    revision: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    benchmark: str = "synthetic"
+    split: str = "validation"
+    data: str | None = None
+    subjects: list[str] | None = None
+    limit: int | None = None
+    mode: str = "logits"
+    max_new_tokens: int = 16
+    calib_split: str = "dev"
+    calib_samples: int = 32
+    batch_size: int = 16
+    space: str = "cpu"
+    method: str = "kl"
+    n_probes: int = 8
+    workload: dict[str, Any] = field(default_factory=dict)
+    budget_ms: float | None = None
+    budget_mb: float | None = None
+    search_trials: int = 600
+    sampler: str = "evo"
+    refine_trials: int = 16
+    top_k: int = 4
+    seed: int = 0
+    storage: str | None = None
+    out: str = "runs/demo"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        """Read a run config strictly: unknown keys and wrong types name the field and line."""
+        data, lines = load_yaml(path)
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{path}: a run config is a YAML mapping (see examples/)")
+        version = data.pop("mpsearch_run", None)
+        if version != RUN_SCHEMA:
+            raise ArtifactError(f"{where(path, lines, ('mpsearch_run',))}: field 'mpsearch_run' (schema version) is "
+                                f"{version!r}; this mpsearch reads version {RUN_SCHEMA}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in fields:
+                raise ArtifactError(f"{where(path, lines, (key,))}: unknown field {key!r}; valid: {', '.join(fields)}")
+            default = fields[key].default if fields[key].default is not dataclasses.MISSING else fields[key].default_factory()
+            if value is not None and default is not None and not _same_kind(value, default):
+                raise ArtifactError(f"{where(path, lines, (key,))}: field {key!r} must be {type(default).__name__}, "
+                                    f"got {value!r}")
+            kwargs[key] = value
+        cfg = cls(**kwargs)
+        cfg.validate(str(path))
+        return cfg
+
+    def validate(self, where_: str = "run config") -> None:
+        """Check values that would otherwise fail deep inside a stage."""
+        if self.mode not in ("logits", "generate"):
+            raise MpsError(f"{where_}: field 'mode' is {self.mode!r}; valid: logits, generate")
+        if self.method not in ("hessian", "fisher", "activation", "kl"):
+            raise MpsError(f"{where_}: field 'method' is {self.method!r}; valid: hessian, fisher, activation, kl")
+        for name in ("budget_ms", "budget_mb"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise MpsError(f"{where_}: field {name!r} must be a positive number, got {v!r}")
+        for name in ("calib_samples", "search_trials", "refine_trials", "top_k", "batch_size"):
+            if getattr(self, name) < 0:
+                raise MpsError(f"{where_}: field {name!r} must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (goes into provenance)."""
+        return dataclasses.asdict(self)
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+# -- stage bookkeeping ------------------------------------------------------------------
+def inputs_key(obj: Any) -> str:
+    """Stable hash of a JSON-able description of a stage's inputs."""
+    blob = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def file_hash(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (first 16 hex digits)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class Manifest:
+    """``stages.json``: for each stage, the key of its inputs and the hash of its artifact."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / MANIFEST
+        self.stages: dict[str, dict[str, str]] = {}
+        if self.path.exists():
+            self.stages = read_json(self.path, kind="run-stages").get("stages", {})
+
+    def fresh(self, stage: str, key: str, artifact: Path) -> bool:
+        """True when ``artifact`` was written by ``stage`` from inputs ``key`` and is unchanged."""
+        rec = self.stages.get(stage)
+        return bool(rec and rec.get("inputs") == key and artifact.exists() and rec.get("artifact") == file_hash(artifact))
+
+    def record(self, stage: str, key: str, artifact: Path) -> None:
+        """Remember that ``stage`` wrote ``artifact`` from inputs ``key`` (atomic)."""
+        self.stages[stage] = {"inputs": key, "artifact": file_hash(artifact)}
+        atomic_write_json(self.path, {"schema": 1, "kind": "run-stages", "stages": self.stages})
+
+
+@dataclass
+class RunSummary:
+    """What a run produced: the artifacts' paths, the budget and the evaluated results."""
+
+    out: Path
+    budget_ms: float | None
+    budget_mb: float | None
+    results: list[Any]
+    exported: Path | None
+    plots: list[Path]
+    seconds: dict[str, float]
+    chosen: Any = None
+
+    def table(self) -> str:
+        """The final summary table (one row per evaluated policy)."""
+        from mpsearch.evaluate import results_table
+
+        head = [f"output folder: {self.out}"]
+        if self.budget_ms is not None:
+            head.append(f"latency budget: {self.budget_ms:.3f} ms")
+        if self.budget_mb is not None:
+            head.append(f"memory budget: {self.budget_mb:.3f} MiB")
+        body = results_table(self.results)
+        tail = []
+        if self.chosen is not None:
+            tail.append(f"exported: {self.exported}  ({self.chosen.label})")
+        tail.append("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
+        return "\n".join(head + [body] + tail)
+
+
+# -- the pipeline -------------------------------------------------------------------------
+def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSummary:
+    """Run every stage of ``cfg`` (reusing finished ones) and return the summary.
+
+    Example:
+        >>> s = run_pipeline(RunConfig(out="runs/demo", search_trials=200))    # doctest: +SKIP
+    """
+    import torch
+
+    from mpsearch.latency import LatencyTable, Workload, measure_latency_table
+    from mpsearch.models import discover_layers, load_vlm, model_info
+    from mpsearch.sensitivity import SensitivityReport, calibration_batches, profile
+    from mpsearch.space import SearchSpace
+    from mpsearch.tasks import load_benchmark
+
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out)
+    seconds: dict[str, float] = {}
+    storage = cfg.storage or f"sqlite:///{(out / 'studies.db').resolve()}"
+
+    def stage(name: str) -> Callable[[], None]:
+        t0 = time.perf_counter()
+        log(f"[{name}] ...")
+
+        def done() -> None:
+            seconds[name] = time.perf_counter() - t0
+            log(f"[{name}] done in {seconds[name]:.1f}s")
+        return done
+
+    # inputs first: a bad model, space or benchmark fails before any work is done
+    done = stage("load")
+    space = SearchSpace.from_yaml(cfg.space)
+    space.check_device(cfg.device)
+    model, processor = load_vlm(cfg.model, device=cfg.device, dtype=cfg.dtype,
+                                trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    layers = discover_layers(model)
+    space.searchable(layers)
+    bench = load_benchmark(cfg.benchmark, cfg.split, path=cfg.data, subjects=cfg.subjects, limit=cfg.limit)
+    calib_bench = load_benchmark(cfg.benchmark, cfg.calib_split, path=cfg.data, subjects=cfg.subjects)
+    if not getattr(bench, "has_answers", True):
+        raise MpsError(f"benchmark {cfg.benchmark!r} split {cfg.split!r} has no answers: it cannot be scored; "
+                       "use a split with answers (e.g. validation)")
+    workload = Workload(**cfg.workload)
+    info = model_info(model)
+    model_key = {"model": cfg.model, "revision": cfg.revision, "dtype": str(next(model.parameters()).dtype),
+                 "device": cfg.device, "info": info}
+    calib_key = {"benchmark": cfg.benchmark, "split": cfg.calib_split, "data": cfg.data,
+                 "samples": cfg.calib_samples, "seed": cfg.seed}
+    done()
+
+    # 1. sensitivity
+    done = stage("profile")
+    sens_path = out / "sens.json"
+    key = inputs_key({"model": model_key, "calib": calib_key, "method": cfg.method, "space": space.to_dict(),
+                      "probes": cfg.n_probes})
+    if manifest.fresh("profile", key, sens_path):
+        sens = SensitivityReport.from_json(sens_path)
+        log(f"[profile] reusing {sens_path}")
+    else:
+        sens = profile(model, processor, list(calib_bench), layers, space, method=cfg.method,
+                       n_samples=cfg.calib_samples, seed=cfg.seed, batch_size=cfg.batch_size,
+                       n_probes=cfg.n_probes, model_name=cfg.model)
+        sens.to_json(sens_path)
+        manifest.record("profile", key, sens_path)
+    done()
+
+    # 2. latency table
+    done = stage("latency")
+    lat_path = out / "latency.json"
+    key = inputs_key({"model": model_key, "space": space.to_dict(), "workload": workload.to_dict()})
+    if manifest.fresh("latency", key, lat_path):
+        lat = LatencyTable.from_json(lat_path)
+        log(f"[latency] reusing {lat_path}")
+    else:
+        lat = measure_latency_table(model, layers, space, workload, cache_dir=str(out / "cache"))
+        lat.to_json(lat_path)
+        manifest.record("latency", key, lat_path)
+    done()
+
+    # 3. budget and proxy search
+    done = stage("search")
+    budget_ms = cfg.budget_ms if cfg.budget_ms is not None else default_budget_ms(lat, space, layers, model)
+    log(f"[search] latency budget {budget_ms:.3f} ms" + ("" if cfg.budget_ms is not None else
+        " (auto: halfway between the fastest uniform policy and full precision)"))
+    front_path = out / "front.json"
+    key = inputs_key({"sens": file_hash(sens_path), "lat": file_hash(lat_path), "budget_ms": budget_ms,
+                      "budget_mb": cfg.budget_mb, "trials": cfg.search_trials, "sampler": cfg.sampler,
+                      "seed": cfg.seed, "space": space.to_dict()})
+    from mpsearch.search import read_front, search, solve_ilp, write_front
+
+    if manifest.fresh("search", key, front_path):
+        front = read_front(front_path)
+        log(f"[search] reusing {front_path}")
+    else:
+        front = search(sens, lat, space, budget_ms=budget_ms, budget_mb=cfg.budget_mb, n_trials=cfg.search_trials,
+                       storage=storage, study_name=f"search-{key}", seed=cfg.seed, sampler=cfg.sampler,
+                       layers=layers, model=model)
+        write_front(front_path, front, model=cfg.model, budget_ms=budget_ms, budget_mb=cfg.budget_mb, stage="search")
+        manifest.record("search", key, front_path)
+    ilp_policy = solve_ilp(sens, lat, space, budget_ms=budget_ms, budget_mb=cfg.budget_mb, layers=layers, model=model)
+    ilp_policy.meta["label"] = "ilp"
+    done()
+
+    # 4. refine on the real model
+    done = stage("refine")
+    refined_path = out / "refined.json"
+    key = inputs_key({"front": file_hash(front_path), "calib": calib_key, "trials": cfg.refine_trials,
+                      "budget_ms": budget_ms, "budget_mb": cfg.budget_mb, "workload": workload.to_dict(),
+                      "seed": cfg.seed})
+    from mpsearch.search import refine
+
+    if cfg.refine_trials == 0:
+        refined = list(front)
+        log("[refine] skipped (refine_trials: 0)")
+    elif manifest.fresh("refine", key, refined_path):
+        refined = read_front(refined_path)
+        log(f"[refine] reusing {refined_path}")
+    else:
+        batches = calibration_batches(model, processor, list(calib_bench), n_samples=cfg.calib_samples,
+                                      batch_size=cfg.batch_size, seed=cfg.seed)
+        refined = refine(model, processor, front, batches=batches, space=space, workload=workload,
+                         n_trials=cfg.refine_trials, storage=storage, study_name=f"refine-{key}",
+                         budget_ms=budget_ms, budget_mb=cfg.budget_mb, seed=cfg.seed, layers=layers)
+        write_front(refined_path, refined, model=cfg.model, budget_ms=budget_ms, budget_mb=cfg.budget_mb,
+                    stage="refine")
+        manifest.record("refine", key, refined_path)
+    done()
+
+    # 5. evaluate: the refined front's best, the ILP policy, uniform baselines, full precision
+    done = stage("evaluate")
+    from mpsearch.evaluate import evaluate
+
+    picks = pick_for_evaluation(refined, cfg.top_k)
+    results = evaluate(model, processor, [ilp_policy] + picks, bench, mode=cfg.mode, batch_size=cfg.batch_size,
+                       results_path=out / "results.jsonl", space=space, workload=workload, latency_table=lat,
+                       include_baselines=True, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, layers=layers)
+    done()
+
+    # 6. export the best policy under the budget
+    done = stage("export")
+    chosen = choose(results, budget_ms=budget_ms, budget_mb=cfg.budget_mb)
+    exported = out / "policy.yaml"
+    export_result(chosen, exported, layers, model_name=cfg.model, revision=cfg.revision, workload=workload,
+                  device=lat.device if hasattr(lat, "device") else cfg.device,
+                  extra_provenance={"sensitivity": cfg.method, "search_space": space.name, "seed": cfg.seed,
+                                    "benchmark": f"{cfg.benchmark}/{cfg.split}", "budget_ms": budget_ms})
+    done()
+
+    # 7. plots
+    done = stage("plots")
+    from mpsearch import plots
+
+    paths = plots.all_plots(results=results, proxy_front=front, sens=sens, layers=layers, chosen=chosen,
+                            budget_ms=budget_ms, out_dir=out / "plots", latency_validation=None)
+    done()
+    summary = RunSummary(out, budget_ms, cfg.budget_mb, results, exported, paths, seconds, chosen)
+    atomic_write_text(out / "summary.txt", summary.table() + "\n")
+    return summary
+
+
+def default_budget_ms(lat: Any, space: Any, layers: Sequence[Any], model: Any) -> float:
+    """Halfway between the fastest uniform policy and the full-precision model (predicted).
+
+    Uniform policies put every layer in one format where its group allows it. The budget lies
+    between the fastest and the slowest uniform policy, so the search has something to trade.
+    """
+    from mpsearch.latency.validate import uniform_policies
+    from mpsearch.policy import Policy
+
+    preds = [lat.predict(p) for p in uniform_policies(space, layers)]
+    dtype = next(model.parameters()).dtype
+    from mpsearch.formats.base import dtype_format
+
+    full = lat.predict(Policy({}, default=dtype_format(dtype)))
+    fastest = min(preds)
+    return fastest + 0.5 * (max(full, fastest) - fastest)
+
+
+def pick_for_evaluation(front: Sequence[Any], top_k: int) -> list[Any]:
+    """Up to ``top_k`` policies spread along the front (by latency), labelled ``pareto-i``."""
+    ranked = sorted(front, key=lambda c: (c.value("measured_latency_ms") if c.measured_latency_ms is not None
+                                          else c.value("predicted_latency_ms")))
+    if len(ranked) > top_k > 0:
+        step = (len(ranked) - 1) / (top_k - 1) if top_k > 1 else 0
+        ranked = [ranked[round(i * step)] for i in range(top_k)]
+    elif top_k == 0:
+        ranked = []
+    out = []
+    for i, c in enumerate(ranked):
+        p = c.policy
+        p.meta.setdefault("label", f"pareto-{i}")
+        if p.meta["label"].startswith(("trial", "refine", "ilp front")):
+            p.meta["label"] = f"pareto-{i}"
+        out.append(p)
+    return out
+
+
+def choose(results: Sequence[Any], budget_ms: float | None = None, budget_mb: float | None = None,
+           max_accuracy_drop: float | None = None) -> Any:
+    """Pick a result: the most accurate within the budgets (ties: lowest KL, then fastest).
+
+    With ``max_accuracy_drop`` (points of accuracy, 0..1 scale), the fastest result whose
+    accuracy is at least the full-precision accuracy minus the drop. Raises :class:`MpsError`
+    when nothing qualifies, naming the closest result.
+    """
+    if not results:
+        raise MpsError("no results to choose from")
+    pool = list(results)
+    if budget_ms is not None:
+        pool = [r for r in pool if r.latency_ms is not None and r.latency_ms <= budget_ms]
+    if budget_mb is not None:
+        pool = [r for r in pool if r.memory_bytes is not None and r.memory_bytes <= budget_mb * 2**20]
+    if max_accuracy_drop is not None:
+        ref = results[0].accuracy
+        pool = [r for r in pool if r.accuracy >= ref - max_accuracy_drop]
+        if pool:
+            return min(pool, key=lambda r: (r.latency_ms if r.latency_ms is not None else float("inf")))
+    if not pool:
+        fastest = min(results, key=lambda r: (r.latency_ms if r.latency_ms is not None else float("inf")))
+        raise MpsError(f"no evaluated policy meets the constraint; the fastest is {fastest.label!r} at "
+                       f"{fastest.latency_ms:.3f} ms, {fastest.memory_bytes / 2**20:.3f} MiB")
+    return max(pool, key=lambda r: (r.accuracy, -(r.kl or 0.0), -(r.latency_ms or 0.0)))
+
+
+def export_result(result: Any, path: str | Path, layers: Sequence[Any], model_name: str, revision: str | None,
+                  workload: Any, device: str, extra_provenance: Mapping[str, Any] | None = None) -> None:
+    """Write ``result.policy`` as a fully expanded precision map with its measured metrics."""
+    metrics = {
+        "predicted_latency_ms": result.predicted_latency_ms,
+        "measured_latency_ms": result.latency_ms,
+        "memory_bytes": result.memory_bytes,
+        "kl": result.kl,
+        "flips": result.flips,
+        f"{result.benchmark}_accuracy": result.accuracy,
+        f"{result.benchmark}_accuracy_ci": list(result.accuracy_ci) if result.accuracy_ci else None,
+        "n": result.n,
+        "mode": result.mode,
+    }
+    wl = workload.to_dict() if hasattr(workload, "to_dict") else dict(workload or {})
+    result.policy.to_yaml(path, layer_names=[l.name for l in layers], model=model_name, revision=revision,
+                          device=device, workload=wl, metrics={k: v for k, v in metrics.items() if v is not None},
+                          provenance={**provenance(), **dict(extra_provenance or {}), "label": result.label})
+
+
+def load_quantized(name_or_path: str, policy_path: str | Path, device: str = "cpu", dtype: str | None = None,
+                   trust_remote_code: bool = False, revision: str | None = None) -> tuple[Any, Any]:
+    """Load a model and apply a precision map in one call.
+
+    Returns ``(model, processor)`` like :func:`mpsearch.load_vlm`; the
+    :class:`~mpsearch.formats.AppliedReport` is on ``model.mpsearch_report``.
+
+    Example:
+        >>> model, processor = mps.load_quantized("demo", "runs/demo/policy.yaml")   # doctest: +SKIP
+        >>> len(model.mpsearch_report.changes) > 0                                   # doctest: +SKIP
+        True
+    """
+    from mpsearch.formats import apply_policy
+    from mpsearch.models import load_vlm
+    from mpsearch.policy import Policy
+
+    policy = Policy.from_yaml(policy_path)
+    model, processor = load_vlm(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                revision=revision)
+    report = apply_policy(model, policy)
+    model.mpsearch_report = report
+    return model, processor
