@@ -5,6 +5,7 @@ The universe of layers is every ``nn.Linear`` of the model (by module path), plu
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -88,22 +89,24 @@ def _slots(model: nn.Module, layers: LayerSpec = None) -> dict[str, _Slot]:
     names = _layer_names(layers)
     if names is None:
         return slots
-    missing = [n for n in names if n not in slots]
-    if missing:
-        from mpsearch.policy import _unknown_layers_message
-
-        raise MpsError(_unknown_layers_message(missing, list(slots)))
+    _check_known([n for n in names if n not in slots], slots)
     return {n: slots[n] for n in names}
+
+
+def _check_known(unknown: list[str], slots: dict[str, _Slot]) -> None:
+    """Raise naming the first unknown layer, with the nearest real name as a hint."""
+    if not unknown:
+        return
+    near = difflib.get_close_matches(unknown[0], list(slots), n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+    raise MpsError(f"unknown layer {unknown[0]!r}{hint}{more}: not a Linear layer of this model "
+                   f"({len(slots)} layers; see `mpsearch layers MODEL`)")
 
 
 def _targets(policy: Any, slots: dict[str, _Slot]) -> dict[str, Format]:
     """Every layer's target format; unknown layers and formats raise (nothing is touched)."""
-    explicit = getattr(policy, "formats", {})
-    unknown = [n for n in explicit if n not in slots]
-    if unknown:
-        from mpsearch.policy import _unknown_layers_message
-
-        raise MpsError(_unknown_layers_message(unknown, list(slots)))
+    _check_known([n for n in getattr(policy, "formats", {}) if n not in slots], slots)
     out = {}
     for name in slots:
         fmt_name = policy.format_for(name)
@@ -142,8 +145,9 @@ class AppliedReport:
     """What :func:`apply_policy` (or :meth:`ModuleBank.apply`) changed.
 
     ``changes``: every swapped layer. ``unchanged``: layers already in their format.
-    ``bytes_before`` / ``bytes_after``: the sum over all Linear layers of the model of each
-    layer's own tensors (:func:`module_bytes`), before and after.
+    ``bytes_before`` / ``bytes_after``: the sum over all Linear layers of the model (for a
+    :class:`ModuleBank`: over the bank's layers) of each layer's own tensors
+    (:func:`module_bytes`), before and after.
     """
 
     changes: list[Change] = field(default_factory=list)
