@@ -521,3 +521,28 @@ def test_roofline_arithmetic():
     with pytest.raises(MpsError, match="bandwidth"):
         roofline_ms(1e9, "cpu: Intel(R) Xeon(R)")
     assert roofline_ms(1e9, "cpu", bandwidth=1e11) == pytest.approx(10.0)
+
+
+def test_overhead_fit_recovers_base_and_per_format_overheads():
+    names = ["a", "b", "c", "d"]
+    runs = {"a": True, "b": True, "c": True, "d": False}  # d does not run in this phase
+    passes = [("reference", dict.fromkeys(names, "fp32")),
+              ("uniform int8", dict.fromkeys(names, INT8)),
+              ("uniform nf4", dict.fromkeys(names, "bnb.nf4")),
+              ("mixed 0", {"a": INT8, "b": "bnb.nf4", "c": "fp32", "d": INT8}),
+              ("mixed 1", {"a": "fp32", "b": INT8, "c": INT8, "d": "bnb.nf4"})]
+    truth = {INT8: 0.125, "bnb.nf4": -0.05}
+    rest = [2.0 + sum(truth.get(f, 0.0) for n, f in m.items() if runs[n]) for _, m in passes]
+    base, overhead, resid = measure_mod._fit_overheads(passes, rest, runs, {"fp32"})
+    assert base == pytest.approx(2.0)
+    assert overhead == pytest.approx(truth)
+    assert max(abs(r) for r in resid) < 1e-9
+
+
+def test_cpu_clock_needs_one_thread():
+    with pytest.raises(MpsError, match="threads=1"):
+        Workload(clock="cpu")
+    with pytest.raises(MpsError, match="clock"):
+        Workload(clock="tsc", threads=1)
+    t = time_callable(lambda: sum(range(20000)), repeats=3, warmup=0, clock="cpu")
+    assert len(t.samples_ms) == 3 and t.min_ms >= 0

@@ -40,6 +40,8 @@ METHODS = ("auto", "context", "isolated")
 #: Timed calls per visit of one configuration in a round (rounds interleave configurations so
 #: that a change of machine load hits all of them alike).
 CHUNK = 5
+#: Seed of the mixed configurations the context method times (validation uses other seeds).
+MIXED_SEED = 1_000_003
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -111,6 +113,7 @@ class PhaseRunner:
         self.model = model
         self.call = call or model
         self.phase = phase
+        self.clock = workload.clock
         self.inputs = dict(inputs) if inputs is not None else dummy_inputs(model, workload)
         extra: dict[str, Any] = {}
         forward = getattr(model, "forward", None)
@@ -162,7 +165,8 @@ class PhaseRunner:
         import torch
 
         with torch.inference_mode():
-            return time_callable(self.run, repeats=repeats, warmup=warmup, device=self.model, reset=self.reset)
+            return time_callable(self.run, repeats=repeats, warmup=warmup, device=self.model, reset=self.reset,
+                                 clock=self.clock)
 
 
 def _phases(workload: Workload) -> list[str]:
@@ -297,10 +301,13 @@ def measure_policies(model: Any, layers: Sequence[Any], policies: Sequence[Any],
 class _LayerClock:
     """Forward hooks on the modules in the Linear slots: time (and count rows of) every call."""
 
-    def __init__(self, model: Any, names: Sequence[str], cuda: bool, recording_rows: bool = False) -> None:
+    def __init__(self, model: Any, names: Sequence[str], cuda: bool, recording_rows: bool = False,
+                 clock: str = "wall") -> None:
+        from mpsearch.latency.timing import clock_fn
         from mpsearch.models import get_module
 
         self.cuda = cuda
+        self._now = clock_fn(clock)
         self.recording_rows = recording_rows
         self.names = list(names)
         self.rows: dict[str, list[int]] = {}
@@ -325,7 +332,7 @@ class _LayerClock:
         else:
             def hook(_m: Any, args: Any) -> None:
                 self._rows(name, args)
-                self._t0[name] = time.perf_counter()
+                self._t0[name] = self._now()
         return hook
 
     def _post(self, name: str) -> Callable[..., None]:
@@ -338,7 +345,7 @@ class _LayerClock:
                 self._pending.append((name, self._t0.pop(name), ev))
         else:
             def hook(_m: Any, _args: Any, _out: Any) -> None:
-                t1 = time.perf_counter()
+                t1 = self._now()
                 self._acc[name] += (t1 - self._t0.pop(name)) * 1e3
         return hook
 
@@ -376,6 +383,7 @@ class _PhaseResult:
     forwards: int
     isolated_timings: int = 0
     notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _key(slot: tuple[int, int, bool], rows: Sequence[int], fmt: str) -> tuple[Any, ...]:
@@ -387,8 +395,10 @@ def _stat(values: Sequence[float], stat: str) -> float:
     return min(values) if stat == "min" else statistics.median(values)
 
 
-def _passes(names: Sequence[str], cands: dict[str, list[str]], ref: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
-    """The configurations run in context: the reference, then each format wherever allowed."""
+def _passes(names: Sequence[str], cands: dict[str, list[str]], ref: dict[str, str],
+            mixed: Sequence[dict[str, str]] = ()) -> list[tuple[str, dict[str, str]]]:
+    """The configurations run in context: the reference, each format wherever allowed, then the
+    ``mixed`` ones (random policies of the space); duplicates are run once."""
     out = [("reference", dict(ref))]
     seen = {tuple(ref[n] for n in names)}
     formats: list[str] = []
@@ -396,13 +406,33 @@ def _passes(names: Sequence[str], cands: dict[str, list[str]], ref: dict[str, st
         for f in cands[n]:
             if f not in formats:
                 formats.append(f)
-    for f in formats:
-        mapping = {n: (f if f in cands[n] else ref[n]) for n in names}
+    candidates = [(f"uniform {f}", {n: (f if f in cands[n] else ref[n]) for n in names}) for f in formats]
+    candidates += [(f"mixed {i}", {n: m[n] for n in names}) for i, m in enumerate(mixed)]
+    for label, mapping in candidates:
         sig = tuple(mapping[n] for n in names)
         if sig not in seen:
             seen.add(sig)
-            out.append((f, mapping))
+            out.append((label, mapping))
     return out
+
+
+def _fit_overheads(passes: Sequence[tuple[str, dict[str, str]]], rest_ms: Sequence[float], runs: dict[str, bool],
+                   ref_formats: set[str]) -> tuple[float, dict[str, float], list[float]]:
+    """Least squares ``rest(pass) = base + sum_f overhead_f * (layers in f that run)``.
+
+    ``rest`` is a configuration's end-to-end time minus its Linear layers' in-context times:
+    the work outside the Linear calls, which the formats around it slow down or speed up
+    (caches, allocations). The reference format's overhead is 0 (it is in the base).
+    Returns ``(base, {format: overhead per layer}, relative residuals)``.
+    """
+    import numpy as np
+
+    formats = sorted({f for _, m in passes for n, f in m.items() if runs[n]} - ref_formats)
+    X = np.array([[1.0] + [sum(1 for n, f in m.items() if runs[n] and f == g) for g in formats] for _, m in passes])
+    y = np.array(rest_ms, dtype=float)
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = (X @ coef - y) / np.maximum(np.abs(y), 1e-9)
+    return float(coef[0]), {g: float(c) for g, c in zip(formats, coef[1:])}, [float(r) for r in resid]
 
 
 def _observe_rows(model: Any, names: Sequence[str], runner: PhaseRunner) -> dict[str, list[int]]:
@@ -420,7 +450,9 @@ def _observe_rows(model: Any, names: Sequence[str], runner: PhaseRunner) -> dict
 
 
 def _measure_context(model: Any, slots: dict[str, Any], cands: dict[str, list[str]], ref: dict[str, str],
-                     workload: Workload, phase: str, progress: bool) -> _PhaseResult:
+                     workload: Workload, phase: str, progress: bool,
+                     mixed: Sequence[dict[str, str]] = ()) -> _PhaseResult:
+    """In-context timing (see the module docstring), in interleaved rounds over the configurations."""
     import torch
     from mpsearch.formats import ModuleBank
     from mpsearch.policy import Policy
@@ -429,12 +461,13 @@ def _measure_context(model: Any, slots: dict[str, Any], cands: dict[str, list[st
     cuda = is_cuda(model)
     runner = PhaseRunner(model, workload, phase)
     rows = _observe_rows(model, names, runner)
-    passes = _passes(names, cands, ref)
+    runs = {n: bool(rows[n]) for n in names}
+    passes = _passes(names, cands, ref, mixed)
     all_formats = sorted({f for _, m in passes for f in m.values()})
     bank = ModuleBank(model, names, all_formats)
     rounds = max(1, math.ceil(workload.repeats / CHUNK))
     per = max(1, math.ceil(workload.repeats / rounds))
-    plain: list[float] = []
+    e2e: list[list[float]] = [[] for _ in passes]
     pooled: dict[tuple[Any, ...], list[float]] = defaultdict(list)
     forwards = 0
     iterator: Iterable[int] = range(rounds)
@@ -447,16 +480,12 @@ def _measure_context(model: Any, slots: dict[str, Any], cands: dict[str, list[st
         with torch.inference_mode():
             for r in iterator:
                 warm = workload.warmup if r == 0 else 1
-                bank.restore()
-                t = time_callable(runner.run, repeats=per, warmup=warm, device=model, reset=runner.reset)
-                plain.extend(t.samples_ms)
-                forwards += per + warm
-                for _label, mapping in passes:
+                for i, (_label, mapping) in enumerate(passes):
                     bank.apply(Policy(mapping, default=ref[names[0]] if names else "fp32"))
-                    for _ in range(warm):
-                        runner.run()
-                        runner.reset()
-                    clock = _LayerClock(model, names, cuda)
+                    t = time_callable(runner.run, repeats=per, warmup=warm, device=model, reset=runner.reset,
+                                      clock=workload.clock)
+                    e2e[i].extend(t.samples_ms)
+                    clock = _LayerClock(model, names, cuda, clock=workload.clock)
                     try:
                         for _ in range(per):
                             runner.run()
@@ -466,17 +495,27 @@ def _measure_context(model: Any, slots: dict[str, Any], cands: dict[str, list[st
                                 pooled[_key(slots[n], rows[n], mapping[n])].append(times[n])
                     finally:
                         clock.remove()
-                    forwards += per + warm
+                    forwards += 2 * per + warm
     finally:
         bank.restore()
     key_ms = {k: _stat(v, workload.stat) for k, v in pooled.items()}
-    ms = {n: {f: key_ms[_key(slots[n], rows[n], f)] for f in cands[n]} for n in names}
-    linear_ref = sum(key_ms[_key(slots[n], rows[n], ref[n])] for n in names)
-    base = _stat(plain, workload.stat) - linear_ref
+    rest = [_stat(e2e[i], workload.stat) - sum(key_ms[_key(slots[n], rows[n], m[n])] for n in names)
+            for i, (_, m) in enumerate(passes)]
+    base, overhead, resid = _fit_overheads(passes, rest, runs, set(ref.values()))
+    ms = {n: {f: key_ms[_key(slots[n], rows[n], f)] + (overhead.get(f, 0.0) if runs[n] else 0.0) for f in cands[n]}
+          for n in names}
     notes = []
     if base < 0:
         notes.append(f"{phase}: base term came out negative ({base:.3f} ms): timing noise exceeds the non-Linear work")
-    return _PhaseResult(base, ms, rows, len(key_ms), forwards, 0, notes)
+    negative = sorted((n, f) for n, row in ms.items() for f, v in row.items() if v < 0)
+    if negative:
+        notes.append(f"{phase}: {len(negative)} layer entries came out negative after the overhead fit "
+                     f"(e.g. {negative[0][0]} in {negative[0][1]}); timing noise dominates those layers")
+    extra = {"configurations": [label for label, _ in passes], "overhead_ms_per_layer": overhead,
+             "rest_ms": dict(zip([label for label, _ in passes], rest)),
+             "fit_residual_median": statistics.median(abs(x) for x in resid),
+             "fit_residual_max": max(abs(x) for x in resid)}
+    return _PhaseResult(base, ms, rows, len(key_ms), forwards, 0, notes, extra)
 
 
 def _time_unique(key: tuple[Any, ...], dtype: Any, device: Any, workload: Workload) -> float:
@@ -498,7 +537,8 @@ def _time_unique(key: tuple[Any, ...], dtype: Any, device: Any, workload: Worklo
     with torch.inference_mode():
         for n_rows in rows:
             x = torch.randn(n_rows, in_f, device=device, dtype=dtype)
-            t = time_callable(lambda: fn(x), repeats=workload.repeats, warmup=workload.warmup, device=device)
+            t = time_callable(lambda: fn(x), repeats=workload.repeats, warmup=workload.warmup, device=device,
+                              clock=workload.clock)
             total += t.value(workload.stat)
     return total
 
@@ -585,13 +625,15 @@ def _resolve_method(method: str, workload: Workload) -> str:
 
 
 def measure_latency_table(model: Any, layers: Sequence[Any], space: Any, workload: Workload | None = None,
-                          cache_dir: str | None = None, *, method: str = "auto", progress: bool = True,
-                          log: Callable[[str], None] | None = None) -> LatencyTable:
+                          cache_dir: str | None = None, *, method: str = "auto", mixed: int | None = None,
+                          progress: bool = True, log: Callable[[str], None] | None = None) -> LatencyTable:
     """Measure ``base_ms`` and ``ms[layer][format]`` for every layer and candidate format of ``space``.
 
     ``layers`` are :class:`mpsearch.models.Layer` objects (``discover_layers(model)``); the model
     must be in full precision and is left as it was found. See the module docstring for the
-    ``context`` and ``isolated`` methods. With ``cache_dir``, a table measured under exactly the
+    ``context`` and ``isolated`` methods; ``mixed`` is the number of random policies of the space
+    the context method runs besides the reference and the uniform ones (default: twice the number of
+    formats), so that layers are also timed next to layers of other formats. With ``cache_dir``, a table measured under exactly the
     same key (device, dtype, threads, workload, method, layers, formats, library versions) is
     reused, and tables measured under another key are named and not used.
 
@@ -618,7 +660,12 @@ def measure_latency_table(model: Any, layers: Sequence[Any], space: Any, workloa
     if hasattr(space, "check_device"):
         space.check_device(dev.type)
     cands = {n: list(space.candidates(x)) for n, x in zip(names, layers)}
+    n_formats = len({f for c in cands.values() for f in c})
+    n_mixed = (2 * n_formats if n_formats > 1 else 0) if mixed is None else int(mixed)
+    if n_mixed < 0:
+        raise MpsError(f"mixed must be >= 0, got {mixed}")
     key = table_cache_key(model, layers, space, workload, method, cands)
+    key["mixed"] = n_mixed if method == "context" else None
     if cache_dir is not None:
         cached = load_cached(cache_dir, key, log=log)
         if cached is not None:
@@ -627,14 +674,24 @@ def measure_latency_table(model: Any, layers: Sequence[Any], space: Any, workloa
     for n in names:
         m = get_module(model, n)
         slots[n] = (int(m.in_features), int(m.out_features), getattr(m, "bias", None) is not None)
-    measure = _measure_context if method == "context" else _measure_isolated
+    mixes: list[dict[str, str]] = []
+    if method == "context" and n_mixed:
+        from mpsearch.latency.validate import random_policies
+
+        mixes = [p.resolve(names).formats for p in random_policies(space, layers, n_mixed, seed=MIXED_SEED)]
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
         with fixed_threads(workload.threads) as threads:
-            results = [(phase, measure(model, slots, cands, ref, workload.with_(phase=phase), phase, progress))
-                       for phase in _phases(workload)]
+            results = []
+            for phase in _phases(workload):
+                wp = workload.with_(phase=phase)
+                if method == "context":
+                    r = _measure_context(model, slots, cands, ref, wp, phase, progress, mixes)
+                else:
+                    r = _measure_isolated(model, slots, cands, ref, wp, phase, progress)
+                results.append((phase, r))
     finally:
         model.train(was_training)
     if workload.phase == "both":
@@ -702,6 +759,7 @@ def _table_meta(model: Any, layers: Sequence[Any], workload: Workload, method: s
         "forward_passes": {phase: r.forwards for phase, r in results},
         "isolated_timings": {phase: r.isolated_timings for phase, r in results},
         "base_ms_by_phase": {phase: r.base_ms for phase, r in results},
+        "fit": {phase: r.extra for phase, r in results if r.extra},
         "rows_observed": observed,
         "tokens_derived": derived,
         "layer_groups": {n: g for n, g in groups.items()},

@@ -102,22 +102,41 @@ def is_cuda(device: Any) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def clock_fn(clock: str) -> Callable[[], float]:
+    """The seconds counter of a clock name: ``wall`` -> ``perf_counter``, ``cpu`` -> ``thread_time``."""
+    if clock == "wall":
+        return time.perf_counter
+    if clock == "cpu":
+        return time.thread_time
+    from mpsearch.errors import MpsError
+
+    raise MpsError(f"unknown clock {clock!r}; valid: wall, cpu")
+
+
 def time_callable(
     fn: Callable[[], Any],
     repeats: int = 30,
     warmup: int = 5,
     device: Any = "cpu",
     reset: Callable[[], Any] | None = None,
+    clock: str = "wall",
 ) -> Timing:
     """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls.
 
     On CUDA each call is bracketed by CUDA events and the device is synchronized before
     reading them; the peak allocated memory is recorded. On CPU ``perf_counter`` times each
-    call. ``reset()`` runs after every call, outside the timed region (e.g. to crop a KV cache).
+    call (``clock="cpu"``: ``thread_time``, the calling thread's CPU time, which ignores time
+    spent descheduled on a loaded machine). ``reset()`` runs after every call, outside the timed
+    region (e.g. to crop a KV cache).
     """
     import torch
 
     cuda = is_cuda(device)
+    if cuda and clock != "wall":
+        from mpsearch.errors import MpsError
+
+        raise MpsError(f"clock {clock!r} is for CPU timing; CUDA work is timed with CUDA events (clock=wall)")
+    now = clock_fn(clock)
     for _ in range(warmup):
         fn()
         if reset is not None:
@@ -141,12 +160,12 @@ def time_callable(
         peak = int(torch.cuda.max_memory_allocated(dev))
     else:
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+            samples.append((now() - t0) * 1e3)
             if reset is not None:
                 reset()
     return Timing.from_samples(samples, peak_memory_bytes=peak, threads=torch.get_num_threads())
 
 
-__all__ = ["Timing", "time_callable", "fixed_threads", "iqr", "quantile", "is_cuda"]
+__all__ = ["Timing", "time_callable", "clock_fn", "fixed_threads", "iqr", "quantile", "is_cuda"]

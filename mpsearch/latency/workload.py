@@ -29,6 +29,7 @@ from mpsearch.errors import MpsError
 
 PHASES = ("prefill", "decode", "both")
 STATS = ("median", "min")
+CLOCKS = ("wall", "cpu")
 #: Text tokens of the prompt when the workload does not say (the image's tokens come on top).
 DEFAULT_PROMPT_TOKENS = 32
 #: Architectures whose dummy inputs are built from the config alone.
@@ -45,6 +46,9 @@ class Workload:
     ``compile`` asks for ``torch.compile`` before timing (True = default mode, or a mode name
     such as ``"reduce-overhead"``, which uses CUDA graphs). ``repeats``/``warmup`` are timed and
     untimed calls; ``stat`` is the statistic tables use (``median``, or ``min`` on a busy CPU).
+    ``clock`` is ``wall`` (``perf_counter``; CUDA events on GPU), or ``cpu``: the timing thread's
+    CPU time (``time.thread_time``), for single-threaded CPU timing on a shared, loaded machine
+    where time spent descheduled would otherwise count (needs ``threads=1``; not on GPU).
     ``inputs`` (a dict of tensors for ``model(**inputs)``) or ``processor`` replace the
     config-derived dummy inputs for architectures that are not in :data:`SUPPORTED_ARCHS`.
 
@@ -63,6 +67,7 @@ class Workload:
     repeats: int = 30
     warmup: int = 5
     stat: str = "median"
+    clock: str = "wall"
     inputs: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
     processor: Any = field(default=None, compare=False, repr=False)
 
@@ -83,6 +88,10 @@ class Workload:
             raise MpsError(f"workload field 'phase' is {self.phase!r}; valid: {', '.join(PHASES)}")
         if self.phase == "both" and self.new_tokens < 1:
             raise MpsError("workload phase 'both' needs new_tokens >= 1 (decode steps after the first token)")
+        if self.clock not in CLOCKS:
+            raise MpsError(f"workload field 'clock' is {self.clock!r}; valid: {', '.join(CLOCKS)}")
+        if self.clock == "cpu" and self.threads != 1:
+            raise MpsError("workload clock=cpu times one thread's CPU time: set threads=1 with it")
         if self.stat not in STATS:
             raise MpsError(f"workload field 'stat' is {self.stat!r}; valid: {', '.join(STATS)}")
         if not isinstance(self.compile, (bool, str)):
@@ -140,7 +149,7 @@ class Workload:
 
 
 def _parse_value(key: str, value: str) -> Any:
-    if key in ("phase", "stat"):
+    if key in ("phase", "stat", "clock"):
         return value
     if key == "compile":
         low = value.lower()
