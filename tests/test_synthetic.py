@@ -84,6 +84,11 @@ def test_answers_match_the_scene():
         assert options[ord(row["answer"]) - ord("A")] == attrs["answer_text"]
         if attrs["qtype"] == "count":
             assert attrs["answer_text"] == str(attrs["count"])
+        if "cells" in attrs:
+            assert sum(c is not None for c in attrs["cells"]) == attrs["count"]
+        if "bars" in attrs:
+            ranks = dict(attrs["bars"])
+            assert ranks[attrs["tallest"]] == 3 and ranks[attrs["shortest"]] == 0
 
 
 def test_validation_never_overlaps_train():

@@ -107,13 +107,16 @@ def _place(rng: random.Random, cell: tuple[int, int], size: float) -> tuple[floa
     return cx, cy
 
 
-def _shapes_scene(rng: random.Random, shapes: list[tuple[str, str, float]]) -> Image.Image:
+def _shapes_scene(rng: random.Random, shapes: list[tuple[str, str, float]]) -> tuple[Image.Image, list]:
+    """The picture and what each 2x2-grid cell holds (row-major): ``(kind, colour)`` or None."""
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(img)
+    cells: list = [None] * 4
     for (kind, colour, size), cell in zip(shapes, _cells(rng, len(shapes))):
         cx, cy = _place(rng, cell, size)
         _draw_shape(draw, kind, cx, cy, size, PALETTE[colour])
-    return img
+        cells[cell[1] * 2 + cell[0]] = (kind, colour)
+    return img, cells
 
 
 def _colour_options(rng: random.Random, present: list[str]) -> list[str]:
@@ -133,21 +136,21 @@ def _largest_colour(rng: random.Random) -> tuple[Image.Image, str, list[str], st
     shapes = [(rng.choice(SHAPES), c, s) for c, s in zip(colours, sizes)]
     order = list(range(n))
     rng.shuffle(order)
-    img = _shapes_scene(rng, [shapes[i] for i in order])
+    img, cells = _shapes_scene(rng, [shapes[i] for i in order])
     return img, "What colour is the largest shape?", _colour_options(rng, colours), colours[0], {
-        "largest": colours[0], "count": n, "kinds": {k: c for k, c, _ in shapes}}
+        "largest": colours[0], "count": n, "cells": cells}
 
 
 def _shape_colour(rng: random.Random) -> tuple[Image.Image, str, list[str], str, dict]:
     n = rng.randint(2, 3)
     kinds = rng.sample(SHAPES, n)
     colours = rng.sample(COLOURS, n)
-    sizes = [rng.uniform(14, 28) for _ in range(n)]
+    sizes = [rng.uniform(16, 28) for _ in range(n)]
     shapes = list(zip(kinds, colours, sizes))
-    img = _shapes_scene(rng, shapes)
+    img, cells = _shapes_scene(rng, shapes)
     target = rng.randrange(n)
     return img, f"What colour is the {kinds[target]}?", _colour_options(rng, colours), colours[target], {
-        "count": n, "kinds": dict(zip(kinds, colours))}
+        "count": n, "kinds": dict(zip(kinds, colours)), "cells": cells}
 
 
 def _bars(rng: random.Random, which: str) -> tuple[Image.Image, str, list[str], str, dict]:
@@ -171,15 +174,16 @@ def _bars(rng: random.Random, which: str) -> tuple[Image.Image, str, list[str], 
     shortest = colours[heights.index(min(heights))]
     answer = tallest if which == "tallest" else shortest
     options = [c for c in COLOURS if c in colours]
+    ranks = [sorted(heights).index(h) for h in heights]  # 0 = shortest
     return img, f"What colour is the {which} bar?", options, answer, {
-        "tallest": tallest, "shortest": shortest}
+        "tallest": tallest, "shortest": shortest, "bars": list(zip(colours, ranks))}
 
 
 def _count(rng: random.Random) -> tuple[Image.Image, str, list[str], str, dict]:
     n = rng.randint(1, 4)
     shapes = [(rng.choice(SHAPES), rng.choice(COLOURS), rng.uniform(10, 26)) for _ in range(n)]
-    img = _shapes_scene(rng, shapes)
-    return img, "How many shapes are there?", ["1", "2", "3", "4"], str(n), {"count": n}
+    img, cells = _shapes_scene(rng, shapes)
+    return img, "How many shapes are there?", ["1", "2", "3", "4"], str(n), {"count": n, "cells": cells}
 
 
 _MAKERS = {
@@ -245,8 +249,9 @@ def generate_with_attributes(split: str, n: int | None = None, seed: int = 0,
                              start: int = 0) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Like :func:`generate`, with each row's scene attributes (what the picture holds).
 
-    The attributes (``qtype``, ``answer_text``, ``count``, ``largest``, ``kinds``, ``tallest``,
-    ``shortest`` where they apply) are what the demo model's vision pretraining learns from.
+    The attributes (``qtype``, ``answer_text`` and, where they apply, ``count``, ``largest``,
+    ``kinds`` (kind -> colour), ``cells`` (the 2x2 grid row-major: ``(kind, colour)`` or None),
+    ``tallest``, ``shortest``, ``bars`` (left to right: ``(colour, height rank)``, 0 = shortest)) are what the demo model's vision pretraining learns from.
     """
     _check_split(split)
     n = DEFAULT_SIZES[split] if n is None else int(n)
