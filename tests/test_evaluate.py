@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mpsearch.errors import ArtifactError, MpsError  # noqa: E402
-from mpsearch.evaluate import Result, _bootstrap_ci, evaluate, letter_token_ids, load_policies, read_results  # noqa: E402
+from mpsearch.evaluate import _bootstrap_ci, evaluate, letter_token_ids, load_policies, read_results  # noqa: E402
 from mpsearch.policy import Policy  # noqa: E402
 from mpsearch.tasks import load_benchmark  # noqa: E402
 from mpsearch.tasks.base import Benchmark  # noqa: E402
@@ -81,13 +81,13 @@ def _letter_model(bench):
 
 # --------------------------------------------------------------------------- answer modes
 def test_logits_and_generate_agree_on_single_letter_model():
-    b = load_benchmark("synthetic", "validation", limit=12)  # prompts of several lengths: padding matters
+    b = load_benchmark("synthetic", "validation", limit=10)  # prompts of several lengths: padding matters
     model, processor = _letter_model(b)
-    lg = evaluate(model, processor, [], b, mode="logits", batch_size=5, **FAST)[0]
-    gen = evaluate(model, processor, [], b, mode="generate", batch_size=5, max_new_tokens=1, **FAST)[0]
+    lg = evaluate(model, processor, [], b, mode="logits", batch_size=4, **FAST)[0]
+    gen = evaluate(model, processor, [], b, mode="generate", batch_size=4, max_new_tokens=1, **FAST)[0]
     assert gen.fallbacks == 0  # every generated answer was a letter the official parser read
     assert lg.answers == gen.answers
-    assert lg.accuracy == gen.accuracy and lg.n == gen.n == 12
+    assert lg.accuracy == gen.accuracy and lg.n == gen.n == 10
     # the letters really vary, so agreement is not trivial
     assert len(set(lg.answers.values())) > 1
 
@@ -378,7 +378,7 @@ def test_latency_measured_and_predicted(tiny, bench):
 
     model, processor = tiny
     q = Policy({}, default="rtn.int4", meta={"label": "int4"})
-    rs = evaluate(model, processor, [q], bench, workload=latency.Workload(repeats=2, warmup=0),
+    rs = evaluate(model, processor, [q], bench, workload=latency.Workload(repeats=1, warmup=0, prompt_tokens=8, threads=1),
                   latency_table=Table(), progress=False, n_boot=50)
     assert all(r.latency_ms is not None and r.latency_ms > 0 for r in rs)
     assert [r.predicted_latency_ms for r in rs] == [1.5, 0.75]
