@@ -546,3 +546,34 @@ def test_cpu_clock_needs_one_thread():
         Workload(clock="tsc", threads=1)
     t = time_callable(lambda: sum(range(20000)), repeats=3, warmup=0, clock="cpu")
     assert len(t.samples_ms) == 3 and t.min_ms >= 0
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def test_cli_latency_writes_a_table_and_validates(tmp_path, capsys):
+    from mpsearch import cli
+
+    space = tmp_path / "s.yaml"
+    space.write_text("name: s\ngroups: {vision: [fp32, torch.int8dyn], projector: [fp32], "
+                     "language: [fp32, torch.int8dyn], head: [fp32]}\n")
+    out = tmp_path / "lat.json"
+    rep = tmp_path / "val.json"
+    code = cli.main(["latency", "tiny:llava", "--space", str(space), "--workload", "threads=1,repeats=2,warmup=0",
+                     "--validate", "4", "--no-progress", "-o", str(out), "--report", str(rep)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "uniform torch.int8dyn" in text and "median |error|" in text and "random 3" in text
+    t = LatencyTable.from_json(out)
+    assert t.meta["validation"]["worst_error"] >= t.meta["validation"]["median_error"]
+    assert json.loads(rep.read_text())["kind"] == "latency-validation"
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--workload", "phase=sideways"], "phase"),
+    (["--workload", "threads=1", "--correct", "always"], "--validate"),
+])
+def test_cli_latency_bad_input_exits_2(argv, msg, capsys):
+    from mpsearch import cli
+
+    code = cli.main(["latency", "tiny:llava", "--space", "cpu", "--no-progress", *argv])
+    assert code == 2
+    assert msg in capsys.readouterr().err

@@ -58,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from mpsearch.space import SearchSpace
 
     workload = Workload.parse(args.workload)
+    if args.validate < 0:
+        raise MpsError(f"--validate K must be >= 0, got {args.validate}")
+    if args.correct == "always" and not args.validate:
+        raise MpsError("--correct always needs --validate K (the correction is fitted on end-to-end runs)")
     model, processor = load_model(args)
     space = SearchSpace.from_yaml(args.space)
     layers = discover_layers(model)
@@ -90,8 +94,6 @@ def run(args: argparse.Namespace) -> int:
             atomic_write_json(args.report, {"schema": 1, "kind": "latency-validation", **report.to_dict(),
                                             "provenance": provenance(device=report.device)})
             out(f"wrote {args.report}")
-    elif args.correct == "always":
-        raise MpsError("--correct always needs --validate K (the correction is fitted on end-to-end runs)")
     if args.output:
         table.to_json(args.output)
         out(f"wrote {args.output}")
