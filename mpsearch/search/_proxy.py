@@ -219,6 +219,7 @@ class ProxyProblem:
 
     def indices(self, policy: Policy) -> list[int]:
         """The choice vector of a policy; raises if it breaks a tie or uses a format a layer may not take."""
+        policy = policy.resolve(self.layer_names) if set(policy.formats) - set(self.layer_names) else policy
         out = []
         for d in self.decisions:
             fmts = {policy.format_for(n) for n in d.layers}

@@ -133,7 +133,11 @@ def refine(
     ref = reference_logits(model, batches)
     ref_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bank = ModuleBank(model, layers, space.formats(), eager=eager)
+    bank = ModuleBank(model, layers, space.formats())
+    if eager:  # each layer into each of its candidate formats, once (not every format of the space)
+        for l in layers:
+            for f in space.candidates(l):
+                bank.module(l.name, f)
     bank_s = time.perf_counter() - t0
 
     fp = fingerprint("refine", [(l.name, getattr(l, "in_features", 0), getattr(l, "out_features", 0)) for l in layers],
