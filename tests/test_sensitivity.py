@@ -374,7 +374,10 @@ def test_hessian_profile_score_formula(toy):
     model, batches, layers = toy
     r = profile(model, None, None, layers, _space(["fp32", "rtn.int4"]), method="hessian", n_probes=8, seed=3,
                 batches=batches, progress=False)
-    assert r.meta["hvp"] == "hvp" and r.meta["n_probes"] == 8 and r.provenance["sensitivity"] == "hessian"
+    assert r.meta["hvp"] == "fd" and r.meta["n_probes"] == 8 and r.provenance["sensitivity"] == "hessian"
+    from mpsearch.sensitivity.profiler import auto_hvp
+
+    assert auto_hvp({"a": nn.Linear(2, 2).to(torch.bfloat16)}) == "hvp" and auto_hvp({"a": nn.Linear(2, 2)}) == "fd"
     for l in layers:
         W = get_format("fp32").quantize_weight(model.get_submodule(l.name).weight.detach())
         err = float((get_format("rtn.int4").quantize_weight(W) - W).pow(2).sum())
@@ -472,8 +475,8 @@ def test_profile_tiny_llava_end_to_end(tiny_llava, method, tmp_path):
     assert all(r.scores[n]["rtn.int2"] > 0 or method == "hessian" for n in live)
     assert all(abs(r.scores[n]["fp32"]) < 1e-6 for n in live)
     assert r.meta["n_samples"] == 4 and r.meta["groups"][layers[0].name] == "vision"
-    if method == "hessian":
-        assert r.meta["hvp"] == "hvp" and r.meta["attn_implementation"] == "eager" and r.meta["n_probes"] == 3
+    if method == "hessian":  # auto on fp32 weights: finite differences, with the model's own SDPA attention
+        assert r.meta["hvp"] == "fd" and r.meta["attn_implementation"] == "sdpa" and r.meta["n_probes"] == 3
     if method == "fisher":
         assert r.meta["n_batches"] == 4  # one backward per sample
     if method == "kl":
@@ -491,8 +494,10 @@ def test_hessian_fd_and_checkpointing_on_tiny_llava(tiny_llava):
     model, processor, layers, rows = tiny_llava
     space = _space(["fp32", "rtn.int4"])
     kw = dict(n_samples=2, batch_size=2, n_probes=2, seed=5, progress=False)
-    exact = profile(model, processor, rows, layers, space, method="hessian", **kw)
-    ckpt = profile(model, processor, rows, layers, space, method="hessian", gradient_checkpointing=True, **kw)
+    exact = profile(model, processor, rows, layers, space, method="hessian", hvp="hvp", **kw)
+    assert exact.meta["hvp"] == "hvp" and exact.meta["attn_implementation"] == "eager"
+    assert model.config._attn_implementation == "sdpa"  # switched back after the profile
+    ckpt = profile(model, processor, rows, layers, space, method="hessian", hvp="hvp", gradient_checkpointing=True, **kw)
     fd = profile(model, processor, rows, layers, space, method="hessian", hvp="fd", **kw)
     assert fd.meta["hvp"] == "fd" and fd.meta["attn_implementation"] == "sdpa"  # fd runs with the fused kernel
     assert not model.is_activation_checkpointing  # switched off again
@@ -511,8 +516,9 @@ def test_calibration_targets_gold_answers_or_the_models_own(tiny_llava):
 
     model, processor, _, rows = tiny_llava
     withheld = [dict(rows[0], answer="?"), rows[1]]
-    batches = calibration_batches(model, processor, withheld, n_samples=2, batch_size=2)
-    assert batches[0]["answer_source"] == ["model", "gold"]
+    info: dict = {}
+    batches = calibration_batches(model, processor, withheld, n_samples=2, batch_size=2, info=info)
+    assert info == {"answer_source": ["model", "gold"], "answers_from_model": 1}
     tok = processor.tokenizer
     labels = batches[0]["labels"]
     own = greedy_answers(model, processor, [rows[0]])[0]
@@ -521,7 +527,7 @@ def test_calibration_targets_gold_answers_or_the_models_own(tiny_llava):
     assert tok.decode(labels[1][labels[1] != -100], skip_special_tokens=True).strip() == rows[1]["answer"]
     # the loss is the mean cross-entropy of exactly those tokens
     with torch.no_grad():
-        logits = model(**{k: v for k, v in batches[0].items() if k not in ("labels", "prompt_last", "answer_source")}).logits
+        logits = model(**{k: v for k, v in batches[0].items() if k not in ("labels", "prompt_last")}).logits
     lab = labels[:, 1:]
     ce = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), lab.reshape(-1), ignore_index=-100)
     with torch.no_grad():

@@ -38,13 +38,15 @@ def calibration_batches(
     placement: str = "inline",
     max_new_tokens: int = 16,
     progress: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """``n_samples`` rows of ``bench`` (drawn with ``seed``), encoded in batches of ``batch_size``.
 
     ``bench`` is a :class:`mpsearch.tasks.Benchmark` or any sequence of MMMU-schema dicts.
     Rows whose answer is withheld (``"?"``, empty) get the model's own greedy answer (up to
     ``max_new_tokens`` tokens) as the target. Tensors stay on the CPU; :func:`model_inputs`
-    moves them. Each batch also carries ``"answer_source"`` (``"gold"``/``"model"`` per row).
+    moves them. ``info``, when given, receives ``answer_source`` (``"gold"``/``"model"`` per
+    row, in batch order) and ``answers_from_model`` (their count).
 
     Example:
         >>> batches = calibration_batches(model, processor, rows, n_samples=4, batch_size=2)  # doctest: +SKIP
@@ -70,8 +72,10 @@ def calibration_batches(
         chunk = rows[start:start + batch_size]
         enc = encode_batch(processor, chunk, answers=answers[start:start + batch_size], placement=placement,
                            padding_side="right")
-        enc["answer_source"] = ["model" if i in set(missing) else "gold" for i in range(start, start + len(chunk))]
         batches.append(enc)
+    if info is not None:
+        info["answer_source"] = ["model" if i in set(missing) else "gold" for i in range(len(rows))]
+        info["answers_from_model"] = len(missing)
     return batches
 
 
@@ -157,7 +161,7 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     dev, dt = model_device(model), model_dtype(model)
     out: dict[str, Any] = {}
     for k, v in batch.items():
-        if k in NON_INPUTS or k == "answer_source":
+        if k in NON_INPUTS:
             continue
         if isinstance(v, torch.Tensor):
             v = v.to(dev, dtype=dt) if v.is_floating_point() else v.to(dev)

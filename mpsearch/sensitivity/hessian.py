@@ -15,8 +15,9 @@ Two ways to get ``Hv``:
   is not implemented"), so transformers models need ``attn_implementation="eager"``.
 * ``method="fd"``: central finite difference of gradients,
   ``Hv ~ (grad(w + e v) - grad(w - e v)) / (2 e)``, one step ``e = eps * rms(all target
-  weights)``. Plain backward passes only: works with any attention kernel and in bf16 (where it is
-  approximate: the weights and gradients are rounded to bf16).
+  weights)``. Plain backward passes only (two per probe): works with any attention kernel and in
+  bf16, where it is approximate (weights and gradients rounded to bf16: ~3% per probe on
+  tiny:llava with the default step ``eps=3e-2``, against ~4e-5 in fp32 with ``eps=1e-3``).
 
 Sums of ``v . Hv`` are accumulated in fp32 whatever the model's dtype.
 
@@ -45,7 +46,7 @@ LossFn = Union[Callable[[], torch.Tensor], Sequence[Callable[[], torch.Tensor]]]
 METHODS = ("hvp", "fd")
 #: Default relative finite-difference step: fp32 weights, then 16-bit weights.
 FD_EPS_FP32 = 1e-3
-FD_EPS_16BIT = 1e-2
+FD_EPS_16BIT = 3e-2
 _SDPA_HINT = "scaled_dot_product"
 
 

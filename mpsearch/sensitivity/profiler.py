@@ -77,9 +77,11 @@ def profile(
         method: ``hessian``, ``fisher``, ``activation`` or ``kl``.
         n_samples, seed, batch_size, placement: calibration data (fisher uses batches of 1).
         n_probes, tol: Hutchinson probes, and early stop when every relative SE < ``tol``.
-        hvp: ``hvp`` (double backward), ``fd`` (finite differences) or ``auto``: ``hvp``,
-            switching a transformers model to eager attention for the profile (restored after)
-            since fused SDPA kernels have no double backward; ``fd`` if that is impossible.
+        hvp: ``hvp``: exact products by double backward; a transformers model is switched to
+            eager attention for the profile (fused SDPA kernels have no double backward) and
+            restored after. ``fd``: finite differences of gradients, any attention kernel.
+            ``auto``: ``fd`` for fp32 weights (as accurate, about half the cost), ``hvp`` for
+            16-bit weights (see :func:`auto_hvp`). ``meta["hvp"]`` says which ran.
         gradient_checkpointing: recompute activations in backward (transformers models).
         check_reach: find layers that do not reach the loss (one forward with autograd) for
             ``activation`` and ``kl``; gradient methods always know.
@@ -114,12 +116,13 @@ def profile(
         get_format(fmt).check_device(model_device(model))
 
     start = time.perf_counter()
+    calib_info: dict[str, Any] = {}
     if batches is None:
         if bench is None:
             raise MpsError("profile: give calibration data (bench) or batches")
         batches = calibration_batches(model, processor, bench, n_samples=n_samples,
                                       batch_size=1 if method == "fisher" else batch_size, seed=seed,
-                                      placement=placement, progress=progress)
+                                      placement=placement, progress=progress, info=calib_info)
     batches = list(batches)
     if not batches:
         raise MpsError("profile: no calibration batches")
@@ -129,7 +132,7 @@ def profile(
         "n_samples": int(sum(int(b["input_ids"].shape[0]) for b in batches)),
         "n_batches": len(batches),
         "n_answer_tokens": n_answer_tokens(batches),
-        "answers_from_model": int(sum(s == "model" for b in batches for s in b.get("answer_source", []))),
+        "answers_from_model": calib_info.get("answers_from_model"),
         "seed": seed,
         "dtype": str(model_dtype(model)).replace("torch.", ""),
         "groups": {l.name: l.group for l in layers},
@@ -178,7 +181,7 @@ def _hessian(model: nn.Module, batches: Sequence[Mapping[str, Any]], modules: Ma
              eps: float | None, meta: dict[str, Any], progress: bool) -> tuple[dict[str, dict[str, float]], list[str]]:
     total = max(n_answer_tokens(batches), 1)
     parts = [(lambda b=b: answer_loss(model, b, reduction="sum") / total) for b in batches]
-    with _attention_for(model, hvp) as (method, attn):
+    with _attention_for(model, auto_hvp(modules) if hvp == "auto" else hvp) as (method, attn):
         est = hutchinson(model, parts, modules, n_probes=n_probes, seed=seed, tol=tol, method=method, eps=eps,
                          progress=progress)
     meta.update({"hvp": method, "attn_implementation": attn, "n_probes": est.n_probes, "n_probes_max": n_probes,
@@ -281,13 +284,25 @@ def _attn_impls(model: nn.Module) -> dict[str, Any] | None:
     return out
 
 
+def auto_hvp(modules: Mapping[str, nn.Module]) -> str:
+    """``hvp="auto"``: ``fd`` for fp32/fp64 weights, ``hvp`` for 16-bit weights.
+
+    Measured on tiny:llava (CPU, 4 probes; docs/benchmarks.md "Sensitivity"): in fp32, finite
+    differences match the exact product to ~4e-5 relative at two gradients per probe (~2x a
+    forward+backward, any attention kernel), while double backward costs ~4x (eager attention
+    included). In bf16, finite differences are off by 3-8% per probe and double backward by 0.3%.
+    """
+    wide = all(m.weight.dtype in (torch.float32, torch.float64) for m in modules.values())
+    return "fd" if wide else "hvp"
+
+
 @contextlib.contextmanager
 def _attention_for(model: nn.Module, hvp: str) -> Iterator[tuple[str, str | None]]:
-    """Yields ``(hvp method, attention implementation)``; with ``auto``/``hvp`` a transformers
-    model is switched to eager attention for the duration (double backward needs it)."""
+    """Yields ``(hvp method, attention implementation)``; for ``hvp`` a transformers model is
+    switched to eager attention for the duration (double backward needs it), and restored."""
     impls = _attn_impls(model)
     if hvp == "fd" or impls is None or all(v in (None, "eager") for v in impls.values()):
-        yield ("fd" if hvp == "fd" else "hvp"), (impls or {}).get("")
+        yield hvp, (impls or {}).get("")
         return
     try:
         model.set_attn_implementation("eager")
@@ -296,10 +311,7 @@ def _attention_for(model: nn.Module, hvp: str) -> Iterator[tuple[str, str | None
         switched = False
     if not switched:
         _restore_attn(model, impls)
-        if hvp == "hvp":
-            raise MpsError(f"hvp='hvp' needs eager attention, and this model cannot switch to it (it uses {impls}); use hvp='fd'")
-        yield "fd", impls.get("")
-        return
+        raise MpsError(f"hvp='hvp' needs eager attention, and this model cannot switch to it (it uses {impls}); use hvp='fd'")
     try:
         yield "hvp", "eager"
     finally:
