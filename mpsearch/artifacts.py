@@ -154,8 +154,25 @@ def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> Non
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, allow_nan=True) + "\n"
+    drop_torn_tail(p)
     with open(p, "a", encoding="utf-8") as fh:
         fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def drop_torn_tail(path: str | os.PathLike[str]) -> None:
+    """Cut an unterminated last line (a record torn by a crash mid-write), so the next append
+    is not glued onto it."""
+    p = Path(path)
+    if not p.exists() or p.stat().st_size == 0:
+        return
+    with open(p, "rb+") as fh:
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) == b"\n":
+            return
+        data = p.read_bytes()
+        fh.truncate(data.rfind(b"\n") + 1)
         fh.flush()
         os.fsync(fh.fileno())
 
