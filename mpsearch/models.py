@@ -162,10 +162,14 @@ def _linear_shape(module: nn.Module) -> tuple[int, int, bool]:
 def _iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(path, module)`` for every swappable linear layer, in module order."""
     skip: set[str] = set()
+    taken: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(t + ".") for t in taken):  # inside a layer already yielded (a swapped wrapper)
+            continue
         if isinstance(module, _UNSWAPPABLE_PARENTS):
             skip.update(f"{name}.{child}" if name else child for child, _ in module.named_children())
         if name and name not in skip and _is_linear(module):
+            taken.append(name)
             yield name, module
 
 

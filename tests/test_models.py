@@ -499,3 +499,14 @@ def test_cli_layers_json_and_errors(capsys):
     with pytest.raises(MpsError, match="unknown dtype"):
         bad = _parse(["layers", "tiny:llava", "--dtype", "int3"])
         bad.func(bad)
+
+
+def test_discover_layers_after_apply_policy_sees_the_same_layers():
+    from mpsearch.formats import apply_policy
+    from mpsearch.policy import Policy
+
+    model, _ = load_vlm("tiny:llava")
+    before = [(l.name, l.group, l.in_features, l.out_features) for l in discover_layers(model)]
+    apply_policy(model, Policy({}, default="rtn.int4"))
+    after = [(l.name, l.group, l.in_features, l.out_features) for l in discover_layers(model)]
+    assert after == before
