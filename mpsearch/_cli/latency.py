@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="auto", choices=("auto", "context", "isolated"),
                    help="context: hooks time each Linear inside the real forward (default); isolated: each unique "
                         "shape alone (used with compile)")
+    p.add_argument("--mixed", type=int, default=None, metavar="N",
+                   help="context method: random mixed configurations timed besides the uniform ones "
+                        "(default: twice the number of formats)")
     p.add_argument("--validate", type=int, default=0, metavar="K",
                    help="time the uniform policies and K random policies end to end and compare")
     p.add_argument("--correct", default="auto", choices=("auto", "always", "never"),
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {exc}; building the timing inputs with the model's processor instead", file=sys.stderr)
             workload = workload.with_(processor=processor)
     table = measure_latency_table(model, layers, space, workload, cache_dir=args.cache_dir, method=args.method,
-                                  progress=not args.no_progress)
+                                  mixed=args.mixed, progress=not args.no_progress)
     out = print
     _summary(out, model, layers, space, table, workload)
     if args.validate:

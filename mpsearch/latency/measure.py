@@ -111,7 +111,7 @@ class PhaseRunner:
         import torch
 
         self.model = model
-        self.call = call or model
+        self.call = call if call is not None else model
         self.phase = phase
         self.clock = workload.clock
         self.inputs = dict(inputs) if inputs is not None else dummy_inputs(model, workload)
@@ -571,7 +571,7 @@ def _measure_isolated(model: Any, slots: dict[str, Any], cands: dict[str, list[s
 
 
 # -- the table -------------------------------------------------------------------------------
-def table_cache_key(model: Any, layers: Sequence[Any], space: Any, workload: Workload, method: str,
+def table_cache_key(model: Any, layers: Sequence[Any], workload: Workload, method: str,
                     candidates: dict[str, list[str]]) -> dict[str, Any]:
     """Everything that changes a measured table: device, dtype, threads, workload, method,
     layer shapes and candidate formats, library versions, model."""
@@ -664,7 +664,7 @@ def measure_latency_table(model: Any, layers: Sequence[Any], space: Any, workloa
     n_mixed = (2 * n_formats if n_formats > 1 else 0) if mixed is None else int(mixed)
     if n_mixed < 0:
         raise MpsError(f"mixed must be >= 0, got {mixed}")
-    key = table_cache_key(model, layers, space, workload, method, cands)
+    key = table_cache_key(model, layers, workload, method, cands)
     key["mixed"] = n_mixed if method == "context" else None
     if cache_dir is not None:
         cached = load_cached(cache_dir, key, log=log)

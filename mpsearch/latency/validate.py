@@ -88,11 +88,12 @@ class ValidationRow:
     predicted_ms: float
     measured: Timing
     corrected_ms: float | None = None
+    stat: str = "median"
 
     @property
     def measured_ms(self) -> float:
-        """The measured median."""
-        return self.measured.median_ms
+        """The measured statistic (the workload's ``stat``: median, or min)."""
+        return self.measured.value(self.stat)
 
     @property
     def error(self) -> float:
@@ -278,7 +279,8 @@ def validate_table(table: LatencyTable, model: Any, layers: Sequence[Any], space
     if not policies:
         raise MpsError("validate_table: no policies to time")
     timings = measure_policies(model, layers, policies, workload, progress=progress)
-    rows = [ValidationRow(str(p.meta.get("label") or p.key()), p, table.predict(p), t) for p, t in zip(policies, timings)]
+    rows = [ValidationRow(str(p.meta.get("label") or p.key()), p, table.predict(p), t, stat=workload.stat)
+            for p, t in zip(policies, timings)]
     report = ValidationReport(rows, current_device_name(model), workload.to_dict())
     if fit:
         pairs = [(r.policy, r.measured_ms) for r in rows]

@@ -381,7 +381,10 @@ def _processor_inputs(model: Any, workload: Workload) -> dict[str, Any]:
     """Render one image and a prompt of about ``prompt_tokens`` words through the processor."""
     from PIL import Image
 
-    size = workload.image_size or 336
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    size = workload.image_size or getattr(vision, "image_size", None) or 336
+    if isinstance(size, (list, tuple)):
+        size = int(size[0])
     image = Image.new("RGB", (size, size), color=(120, 80, 40))
     words = " ".join(["word"] * (workload.prompt_tokens or DEFAULT_PROMPT_TOKENS))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}]
