@@ -35,9 +35,11 @@ MANIFEST = "stages.json"
 class RunConfig:
     """What ``mpsearch run`` does; every field can be set in the run YAML (``mpsearch_run: 1``).
 
-    ``budget_ms`` None picks a budget halfway between the fastest uniform policy and the
-    full-precision model (both predicted by the latency table); ``budget_mb`` adds a weight
-    memory budget. ``benchmark``/``split`` are what results are reported on; calibration data
+    Budgets: a number, ``"auto"`` or None (no budget of that kind; at least one is needed).
+    ``budget_ms: auto`` is halfway between the fastest and the slowest uniform policy (predicted
+    by the latency table); ``budget_mb: auto`` is halfway between the smallest uniform policy's
+    weights and the full-precision model's. On a CPU the full-precision model is often the
+    fastest, so a latency budget alone leaves nothing to trade; the demo sets both. ``benchmark``/``split`` are what results are reported on; calibration data
     for profiling and refinement come from ``calib_split`` of the same benchmark (disjoint from
     the evaluation split). See ``examples/`` for a real-model config.
 
@@ -65,8 +67,8 @@ class RunConfig:
     method: str = "kl"
     n_probes: int = 8
     workload: dict[str, Any] = field(default_factory=dict)
-    budget_ms: float | None = None
-    budget_mb: float | None = None
+    budget_ms: float | str | None = "auto"
+    budget_mb: float | str | None = "auto"
     search_trials: int = 600
     sampler: str = "evo"
     refine_trials: int = 16
@@ -91,7 +93,11 @@ class RunConfig:
             if key not in fields:
                 raise ArtifactError(f"{where(path, lines, (key,))}: unknown field {key!r}; valid: {', '.join(fields)}")
             default = fields[key].default if fields[key].default is not dataclasses.MISSING else fields[key].default_factory()
-            if value is not None and default is not None and not _same_kind(value, default):
+            if key in ("budget_ms", "budget_mb"):
+                if not (value is None or value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool))):
+                    raise ArtifactError(f"{where(path, lines, (key,))}: field {key!r} must be a number, 'auto' or null, "
+                                        f"got {value!r}")
+            elif value is not None and default is not None and not _same_kind(value, default):
                 raise ArtifactError(f"{where(path, lines, (key,))}: field {key!r} must be {type(default).__name__}, "
                                     f"got {value!r}")
             kwargs[key] = value
@@ -107,8 +113,10 @@ class RunConfig:
             raise MpsError(f"{where_}: field 'method' is {self.method!r}; valid: hessian, fisher, activation, kl")
         for name in ("budget_ms", "budget_mb"):
             v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise MpsError(f"{where_}: field {name!r} must be a positive number, got {v!r}")
+            if v is not None and v != "auto" and not (isinstance(v, (int, float)) and v > 0):
+                raise MpsError(f"{where_}: field {name!r} must be a positive number, 'auto' or null, got {v!r}")
+        if self.budget_ms is None and self.budget_mb is None:
+            raise MpsError(f"{where_}: set at least one of 'budget_ms' and 'budget_mb' (a number or 'auto')")
         for name in ("calib_samples", "search_trials", "refine_trials", "top_k", "batch_size"):
             if getattr(self, name) < 0:
                 raise MpsError(f"{where_}: field {name!r} must be >= 0")
@@ -173,7 +181,7 @@ class RunSummary:
 
     def table(self) -> str:
         """The final summary table (one row per evaluated policy)."""
-        from mpsearch.evaluate import results_table
+        from mpsearch._cli.evaluate import format_table as results_table
 
         head = [f"output folder: {self.out}"]
         if self.budget_ms is not None:
@@ -272,12 +280,16 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
 
     # 3. budget and proxy search
     done = stage("search")
-    budget_ms = cfg.budget_ms if cfg.budget_ms is not None else default_budget_ms(lat, space, layers, model)
-    log(f"[search] latency budget {budget_ms:.3f} ms" + ("" if cfg.budget_ms is not None else
-        " (auto: halfway between the fastest uniform policy and full precision)"))
+    budget_ms, budget_mb = resolve_budgets(cfg.budget_ms, cfg.budget_mb, lat, space, layers, model)
+    if budget_ms is not None:
+        log(f"[search] latency budget {budget_ms:.3f} ms" + (" (auto: halfway between the fastest and the slowest "
+                                                             "uniform policy, predicted)" if cfg.budget_ms == "auto" else ""))
+    if budget_mb is not None:
+        log(f"[search] memory budget {budget_mb:.3f} MiB" + (" (auto: halfway between the smallest uniform policy "
+                                                              "and full precision)" if cfg.budget_mb == "auto" else ""))
     front_path = out / "front.json"
     key = inputs_key({"sens": file_hash(sens_path), "lat": file_hash(lat_path), "budget_ms": budget_ms,
-                      "budget_mb": cfg.budget_mb, "trials": cfg.search_trials, "sampler": cfg.sampler,
+                      "budget_mb": budget_mb, "trials": cfg.search_trials, "sampler": cfg.sampler,
                       "seed": cfg.seed, "space": space.to_dict()})
     from mpsearch.search import read_front, search, solve_ilp, write_front
 
@@ -285,12 +297,12 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
         front = read_front(front_path)
         log(f"[search] reusing {front_path}")
     else:
-        front = search(sens, lat, space, budget_ms=budget_ms, budget_mb=cfg.budget_mb, n_trials=cfg.search_trials,
+        front = search(sens, lat, space, budget_ms=budget_ms, budget_mb=budget_mb, n_trials=cfg.search_trials,
                        storage=storage, study_name=f"search-{key}", seed=cfg.seed, sampler=cfg.sampler,
                        layers=layers, model=model)
-        write_front(front_path, front, model=cfg.model, budget_ms=budget_ms, budget_mb=cfg.budget_mb, stage="search")
+        write_front(front_path, front, model=cfg.model, budget_ms=budget_ms, budget_mb=budget_mb, stage="search")
         manifest.record("search", key, front_path)
-    ilp_policy = solve_ilp(sens, lat, space, budget_ms=budget_ms, budget_mb=cfg.budget_mb, layers=layers, model=model)
+    ilp_policy = solve_ilp(sens, lat, space, budget_ms=budget_ms, budget_mb=budget_mb, layers=layers, model=model)
     ilp_policy.meta["label"] = "ilp"
     done()
 
@@ -298,7 +310,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
     done = stage("refine")
     refined_path = out / "refined.json"
     key = inputs_key({"front": file_hash(front_path), "calib": calib_key, "trials": cfg.refine_trials,
-                      "budget_ms": budget_ms, "budget_mb": cfg.budget_mb, "workload": workload.to_dict(),
+                      "budget_ms": budget_ms, "budget_mb": budget_mb, "workload": workload.to_dict(),
                       "seed": cfg.seed})
     from mpsearch.search import refine
 
@@ -313,8 +325,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
                                       batch_size=cfg.batch_size, seed=cfg.seed)
         refined = refine(model, processor, front, batches=batches, space=space, workload=workload,
                          n_trials=cfg.refine_trials, storage=storage, study_name=f"refine-{key}",
-                         budget_ms=budget_ms, budget_mb=cfg.budget_mb, seed=cfg.seed, layers=layers)
-        write_front(refined_path, refined, model=cfg.model, budget_ms=budget_ms, budget_mb=cfg.budget_mb,
+                         budget_ms=budget_ms, budget_mb=budget_mb, seed=cfg.seed, layers=layers)
+        write_front(refined_path, refined, model=cfg.model, budget_ms=budget_ms, budget_mb=budget_mb,
                     stage="refine")
         manifest.record("refine", key, refined_path)
     done()
@@ -323,7 +335,9 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
     done = stage("evaluate")
     from mpsearch.evaluate import evaluate
 
-    picks = pick_for_evaluation(refined, cfg.top_k)
+    if not refined:
+        log("[evaluate] refine found no policy whose measured cost meets the budget; evaluating the proxy front")
+    picks = pick_for_evaluation(refined or front, cfg.top_k)
     results = evaluate(model, processor, [ilp_policy] + picks, bench, mode=cfg.mode, batch_size=cfg.batch_size,
                        results_path=out / "results.jsonl", space=space, workload=workload, latency_table=lat,
                        include_baselines=True, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, layers=layers)
@@ -331,42 +345,66 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
 
     # 6. export the best policy under the budget
     done = stage("export")
-    chosen = choose(results, budget_ms=budget_ms, budget_mb=cfg.budget_mb)
+    try:
+        chosen = choose(results, budget_ms=budget_ms, budget_mb=budget_mb)
+        selection = "measured latency"
+    except MpsError as exc:
+        # Timing noise can put every measurement over a budget set from the table; say so and
+        # choose on the table's prediction instead (recorded in the exported map).
+        log(f"[export] {exc}; choosing on predicted latency instead")
+        chosen = choose(results, budget_ms=budget_ms, budget_mb=budget_mb, latency="predicted")
+        selection = "predicted latency"
     exported = out / "policy.yaml"
     export_result(chosen, exported, layers, model_name=cfg.model, revision=cfg.revision, workload=workload,
                   device=lat.device if hasattr(lat, "device") else cfg.device,
                   extra_provenance={"sensitivity": cfg.method, "search_space": space.name, "seed": cfg.seed,
-                                    "benchmark": f"{cfg.benchmark}/{cfg.split}", "budget_ms": budget_ms})
+                                    "benchmark": f"{cfg.benchmark}/{cfg.split}", "budget_ms": budget_ms,
+                                    "selected_by": selection})
     done()
 
     # 7. plots
     done = stage("plots")
     from mpsearch import plots
 
-    paths = plots.all_plots(results=results, proxy_front=front, sens=sens, layers=layers, chosen=chosen,
-                            budget_ms=budget_ms, out_dir=out / "plots", latency_validation=None)
+    paths = plots.all_plots(results, out / "plots", proxy_front=front, sens=sens, layers=layers, chosen=chosen,
+                            budget_ms=budget_ms, budget_mb=budget_mb,
+                            title=f"{cfg.model} on {cfg.benchmark}/{cfg.split}, space {space.name}")
     done()
-    summary = RunSummary(out, budget_ms, cfg.budget_mb, results, exported, paths, seconds, chosen)
+    summary = RunSummary(out, budget_ms, budget_mb, results, exported, paths, seconds, chosen)
     atomic_write_text(out / "summary.txt", summary.table() + "\n")
     return summary
 
 
-def default_budget_ms(lat: Any, space: Any, layers: Sequence[Any], model: Any) -> float:
-    """Halfway between the fastest uniform policy and the full-precision model (predicted).
+def resolve_budgets(budget_ms: Any, budget_mb: Any, lat: Any, space: Any, layers: Sequence[Any],
+                    model: Any) -> tuple[float | None, float | None]:
+    """Numbers for the ``"auto"`` budgets (see :class:`RunConfig`).
 
-    Uniform policies put every layer in one format where its group allows it. The budget lies
-    between the fastest and the slowest uniform policy, so the search has something to trade.
+    Uniform policies put every layer in one format where its group allows it (else the group's
+    first candidate). ``auto`` latency: halfway between the fastest and the slowest uniform
+    policy as the latency table predicts them; ``auto`` memory: halfway between the smallest
+    uniform policy's exact weight bytes and the full-precision model's.
+
+    Example:
+        >>> resolve_budgets(40.0, None, lat, space, layers, model)   # doctest: +SKIP
+        (40.0, None)
     """
+    from mpsearch.formats import policy_memory_bytes
     from mpsearch.latency.validate import uniform_policies
     from mpsearch.policy import Policy
 
-    preds = [lat.predict(p) for p in uniform_policies(space, layers)]
-    dtype = next(model.parameters()).dtype
-    from mpsearch.formats.base import dtype_format
+    uniform = uniform_policies(space, layers)
+    ms = float(budget_ms) if budget_ms not in (None, "auto") else None
+    mb = float(budget_mb) if budget_mb not in (None, "auto") else None
+    if budget_ms == "auto":
+        preds = [lat.predict(p) for p in uniform]
+        ms = min(preds) + 0.5 * (max(preds) - min(preds))
+    if budget_mb == "auto":
+        sizes = [policy_memory_bytes(model, p) / 2**20 for p in uniform]
+        from mpsearch.formats.base import dtype_format
 
-    full = lat.predict(Policy({}, default=dtype_format(dtype)))
-    fastest = min(preds)
-    return fastest + 0.5 * (max(full, fastest) - fastest)
+        full = policy_memory_bytes(model, Policy({}, default=dtype_format(next(model.parameters()).dtype))) / 2**20
+        mb = min(sizes) + 0.5 * (full - min(sizes))
+    return ms, mb
 
 
 def pick_for_evaluation(front: Sequence[Any], top_k: int) -> list[Any]:
@@ -389,30 +427,37 @@ def pick_for_evaluation(front: Sequence[Any], top_k: int) -> list[Any]:
 
 
 def choose(results: Sequence[Any], budget_ms: float | None = None, budget_mb: float | None = None,
-           max_accuracy_drop: float | None = None) -> Any:
+           max_accuracy_drop: float | None = None, latency: str = "measured") -> Any:
     """Pick a result: the most accurate within the budgets (ties: lowest KL, then fastest).
 
-    With ``max_accuracy_drop`` (points of accuracy, 0..1 scale), the fastest result whose
-    accuracy is at least the full-precision accuracy minus the drop. Raises :class:`MpsError`
-    when nothing qualifies, naming the closest result.
+    ``latency="measured"`` compares the budget with the end-to-end latency measured during
+    evaluation, ``"predicted"`` with the latency table's prediction. With
+    ``max_accuracy_drop`` (0..1), the fastest result whose accuracy is at least the
+    full-precision accuracy (the first result) minus the drop. Raises :class:`MpsError` when
+    nothing qualifies, naming the fastest result.
+
+    Example:
+        >>> best = choose(results, budget_ms=3.0)          # doctest: +SKIP
     """
     if not results:
         raise MpsError("no results to choose from")
+    field_ = "latency_ms" if latency == "measured" else "predicted_latency_ms"
+    lat = lambda r: getattr(r, field_) if getattr(r, field_) is not None else float("inf")  # noqa: E731
     pool = list(results)
     if budget_ms is not None:
-        pool = [r for r in pool if r.latency_ms is not None and r.latency_ms <= budget_ms]
+        pool = [r for r in pool if lat(r) <= budget_ms]
     if budget_mb is not None:
         pool = [r for r in pool if r.memory_bytes is not None and r.memory_bytes <= budget_mb * 2**20]
     if max_accuracy_drop is not None:
         ref = results[0].accuracy
-        pool = [r for r in pool if r.accuracy >= ref - max_accuracy_drop]
+        pool = [r for r in pool if r.accuracy >= ref - max_accuracy_drop - 1e-12]
         if pool:
-            return min(pool, key=lambda r: (r.latency_ms if r.latency_ms is not None else float("inf")))
+            return min(pool, key=lat)
     if not pool:
-        fastest = min(results, key=lambda r: (r.latency_ms if r.latency_ms is not None else float("inf")))
-        raise MpsError(f"no evaluated policy meets the constraint; the fastest is {fastest.label!r} at "
-                       f"{fastest.latency_ms:.3f} ms, {fastest.memory_bytes / 2**20:.3f} MiB")
-    return max(pool, key=lambda r: (r.accuracy, -(r.kl or 0.0), -(r.latency_ms or 0.0)))
+        fastest = min(results, key=lat)
+        raise MpsError(f"no evaluated policy meets the constraint ({latency} latency); the fastest is "
+                       f"{fastest.label!r} at {lat(fastest):.3f} ms, {(fastest.memory_bytes or 0) / 2**20:.3f} MiB")
+    return max(pool, key=lambda r: (r.accuracy, -(r.kl or 0.0), -lat(r)))
 
 
 def export_result(result: Any, path: str | Path, layers: Sequence[Any], model_name: str, revision: str | None,
