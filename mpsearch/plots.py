@@ -220,8 +220,9 @@ def pareto_front(results: Sequence[Any], path_stem: str | Path, proxy_front: Seq
                 st = dict(_STYLE[kind])
                 st["s"] = 45
                 ax_proxy.scatter([c.predicted_latency_ms], [c.proxy_loss], edgecolors="white", **st)
-                ax_proxy.annotate(src, (c.predicted_latency_ms, c.proxy_loss), textcoords="offset points",
-                                  xytext=(4, 3), fontsize=7, alpha=0.8)
+                if src == "ilp" or src.startswith("uniform"):  # the ILP front's other points stay unlabelled
+                    ax_proxy.annotate(src, (c.predicted_latency_ms, c.proxy_loss), textcoords="offset points",
+                                      xytext=(4, 3), fontsize=7, alpha=0.8)
         positive = [y for y in ys if y > 0]
         if positive and max(positive) / max(min(positive), 1e-300) > 100:
             ax_proxy.set_yscale("symlog", linthresh=min(positive))
