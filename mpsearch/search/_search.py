@@ -255,8 +255,12 @@ def proxy_outcome(prob: ProxyProblem, idx: Sequence[int], objectives: Sequence[s
         constraints["latency_ms"] = float(ms) - float(budget_ms)  # type: ignore[arg-type]
     if budget_bytes is not None:
         constraints["memory_mb"] = (float(mem) - float(budget_bytes)) / BYTES_PER_MB  # type: ignore[arg-type]
-    attrs = {"proxy_loss": loss, "predicted_latency_ms": ms, "memory_mb": vals["memory_mb"],
-             "policy": prob.summary(idx), "formats": prob.group_counts(idx)}
+    # the objective values are shown under their metric names already; user attributes add
+    # what optuna-dashboard cannot show otherwise (each one is a storage write)
+    attrs: dict[str, Any] = {"policy": prob.summary(idx), "formats": prob.group_counts(idx)}
+    for name, v in (("predicted_latency_ms", ms), ("memory_mb", vals["memory_mb"])):
+        if name not in objectives and v is not None:
+            attrs[name] = v
     return TrialOutcome([float(vals[o]) for o in objectives], constraints, attrs)  # type: ignore[arg-type]
 
 

@@ -106,6 +106,7 @@ def open_storage(url: Any = None, heartbeat: bool = True) -> optuna.storages.Bas
         }
     if url.startswith("sqlite:"):
         return _sqlite_storage(url, kwargs)
+    url = _postgres_driver(url)
     engine_kwargs = {"pool_pre_ping": True}
     last: Exception | None = None
     for attempt in range(5):  # concurrent first-time table creation can collide: retry
@@ -119,6 +120,21 @@ def open_storage(url: Any = None, heartbeat: bool = True) -> optuna.storages.Bas
             last = exc
             time.sleep(0.5 * (attempt + 1))
     raise MpsError(f"storage {redact(url)}: cannot open ({type(last).__name__}: {str(last).splitlines()[0] if last else ''})")
+
+
+def _postgres_driver(url: str) -> str:
+    """``postgresql://`` without a driver: SQLAlchemy 2.1 picks psycopg (v3); use psycopg2 when
+    only it is installed (``pip install psycopg2-binary``, mpsearch's ``postgres`` extra)."""
+    if not (url.startswith("postgresql://") or url.startswith("postgres://")):
+        return url
+    import importlib.util
+
+    rest = url.split("://", 1)[1]
+    if importlib.util.find_spec("psycopg") is not None:
+        return "postgresql+psycopg://" + rest
+    if importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + rest
+    raise MpsError(f"storage {redact(url)}: no PostgreSQL driver installed; pip install psycopg2-binary (or psycopg)")
 
 
 def _sqlite_storage(url: str, kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
