@@ -66,7 +66,7 @@ class RunConfig:
     space: str = "cpu"
     method: str = "kl"
     n_probes: int = 8
-    workload: dict[str, Any] = field(default_factory=dict)
+    workload: dict[str, Any] = field(default_factory=lambda: {"batch": 1, "phase": "prefill"})
     budget_ms: float | str | None = "auto"
     budget_mb: float | str | None = "auto"
     search_trials: int = 600
