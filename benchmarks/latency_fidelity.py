@@ -11,7 +11,8 @@ alone, base = full model minus its layers, the plain approach; ``context``: ever
 hooks inside the real forward in uniform and mixed configurations, with the per-format overhead
 outside the Linear calls fitted on their end-to-end times) the script measures a table, then
 times the uniform policies and ``--policies`` random policies end to end, twice (sessions A and
-B, each interleaved round-robin so load changes hit all policies alike), and prints:
+B, each interleaved round-robin so load changes hit all policies alike; A before the tables are
+measured, B after, so a slow drift of the machine's speed cancels in their mean), and prints:
 
 * median and worst relative error |predicted / measured - 1| over the random policies (and over
   all, uniform included), measured = median of the A and B samples together;
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     policies = uni + rnd
     out: dict = {"model": name, "device": device, "workload": w.to_dict(), "space": space.name, "methods": {}}
     tables = {}
+    t0 = time.perf_counter()
+    sess_a = measure_policies(model, layers, policies, w)
+    print(f"session A: {len(policies)} policies timed end to end in {time.perf_counter() - t0:.1f} s")
     for method in args.methods.split(","):
         t0 = time.perf_counter()
         tables[method] = measure_latency_table(model, layers, space, w, method=method, progress=False,
@@ -105,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         tok = tables[method].meta.get("rows_observed")
         print(f"table [{method}]: base {tables[method].base_ms:.3f} ms, {time.perf_counter() - t0:.1f} s; rows {tok}")
     t0 = time.perf_counter()
-    sess_a = measure_policies(model, layers, policies, w)
     sess_b = measure_policies(model, layers, policies, w)
-    print(f"end-to-end timing of {len(policies)} policies x 2 sessions: {time.perf_counter() - t0:.1f} s")
+    print(f"session B: {time.perf_counter() - t0:.1f} s")
     both = [sorted(a.samples_ms + b.samples_ms) for a, b in zip(sess_a, sess_b)]
     meas = [(min(s) if args.stat == "min" else statistics.median(s)) for s in both]
     va = [a.value(args.stat) for a in sess_a]

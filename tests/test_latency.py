@@ -143,6 +143,13 @@ def test_demo_model_config_token_counts():
     assert tc.vision_seq == patches + 1
     assert tc.image_tokens == (patches if cfg.vision_feature_select_strategy == "default" else patches + 1)
     assert tc.seq_len == tc.image_tokens + 33
+    from mpsearch.models import discover_layers, load_vlm
+
+    model, _ = load_vlm("demo")
+    layers = discover_layers(model)
+    rows = _observed_rows(model, dummy_inputs(model, Workload(prompt_tokens=33)), [x.name for x in layers])
+    for x in layers:
+        assert rows[x.name] == [tc.per_group[x.group]], (x.name, x.group)
 
 
 def test_unsupported_arch_needs_inputs_or_processor():

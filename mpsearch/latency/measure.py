@@ -3,14 +3,17 @@
 Two ways to fill the table, both costing a number of timings that depends on the model's
 *unique* layer shapes and the formats, not on its number of layers:
 
-* ``method="context"`` (default on CPU and GPU without ``compile``): the real model runs the
-  workload once per format (that format swapped into every layer that may take it, through a
-  :class:`mpsearch.formats.ModuleBank`), with forward hooks timing every Linear call *in
-  context* (warm weights of its neighbours evicted, the real input tensors, the real thread
-  pool). Times are pooled per unique key ``(in, out, bias, tokens, format)``: all layers of one
-  key share one figure, so a model with twice the layers of the same shapes needs the same number
-  of forward passes. The base term is the unhooked full-precision model minus the sum of its
-  Linear layers' in-context times, measured in the same rounds (so the same machine load).
+* ``method="context"`` (default without ``compile``): the real model runs the workload in
+  several configurations (the reference; each format swapped into every layer that may take it;
+  ``mixed`` random policies of the space), swapped through a :class:`mpsearch.formats.ModuleBank`,
+  with forward hooks timing every Linear call *in context* (neighbours evicting its weights and
+  code from the caches, the real inputs, the real thread pool). Times are pooled per unique key
+  ``(in, out, bias, rows per call, format)``: all layers of one key share one figure, so a model
+  with twice the layers of the same shapes needs the same number of forward passes. Each
+  configuration is also timed end to end without hooks, in the same interleaved rounds; least
+  squares on ``end-to-end - sum of Linear times = base + sum_f overhead_f * layers in f`` gives
+  the base term and a per-format overhead outside the Linear calls (added to each layer's entry;
+  the reference format's is 0), so the table stays additive.
 * ``method="isolated"`` (used with ``compile``): each unique key is timed alone, a module built
   by ``get_format(fmt).make_module(nn.Linear(in, out))`` with random weights on an input of
   ``(tokens, in)``; base = the full-precision model minus the sum of its layers' isolated times.
