@@ -12,9 +12,12 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -266,13 +269,14 @@ def _solve_once(
             blb.append(-np.inf)
             bub.append((rhs - const - slack[k]) * scale)
         A = csr_matrix((A_data, (A_rows, A_cols)), shape=(len(free) + len(budget_rows), nvar))
-        res = milp(
-            c_vec * c_scale,
-            constraints=LinearConstraint(A, np.array(blb), np.array(bub)),
-            integrality=np.ones(nvar),
-            bounds=Bounds(0, 1),
-            options={"mip_rel_gap": 0.0, "presolve": True},
-        )
+        with _quiet_stdout():  # HiGHS prints debug lines on the C stdout in some builds
+            res = milp(
+                c_vec * c_scale,
+                constraints=LinearConstraint(A, np.array(blb), np.array(bub)),
+                integrality=np.ones(nvar),
+                bounds=Bounds(0, 1),
+                options={"mip_rel_gap": 0.0, "presolve": True},
+            )
         if res.x is None:
             if res.status == 2:  # infeasible
                 return None
@@ -290,6 +294,26 @@ def _solve_once(
                 floor = 1e-6 * float(np.max(np.abs(budget_rows[k][0])))
                 slack[k] = max(2 * slack[k], 2 * o, floor)
     return None
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Silence file descriptor 1 (C-level prints of the solver) for the duration."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no real stdout (embedded, some test runners)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
 
 
 def _fits(prob: ProxyProblem, idx: Sequence[int], budget_ms: float | None, budget_bytes: float | None) -> bool:

@@ -7,7 +7,9 @@ and exact bytes of a :class:`ProxyProblem`) and proposes children that fit the b
 
 * **exchange** (EvoPress's level switch): from a good feasible parent, move one decision to
   another format and compensate with another decision so the predicted cost stays within the
-  budget (raise one layer's precision, lower another's);
+  budget (raise one layer's precision, lower another's); half of the exchanges are *guided*:
+  the raised decision is one of those the sensitivity table says gain most loss per unit of
+  cost, and the budget is repaired by the cheapest loss-per-saved-cost moves elsewhere;
 * **crossover** of two Pareto/elite parents (uniform), then **repair** into the budget by the
   cheapest loss-per-saved-cost moves of the sensitivity table;
 * **mutation** of a Pareto parent (1-3 random decisions), repaired likewise.
@@ -52,8 +54,10 @@ class BudgetSampler(optuna.samplers.BaseSampler):
         budget_ms: float | None = None,
         budget_bytes: int | None = None,
         seed: int | None = None,
-        p_exchange: float = 0.5,
-        p_crossover: float = 0.3,
+        p_exchange: float = 0.6,
+        p_crossover: float = 0.25,
+        p_guided: float = 0.6,
+        guided_top: int = 8,
         max_moves: int = 3,
         elite_size: int = 16,
         calibrate: bool = False,
@@ -64,6 +68,8 @@ class BudgetSampler(optuna.samplers.BaseSampler):
         self.seed = 0 if seed is None else int(seed)
         self.p_exchange = p_exchange
         self.p_crossover = p_crossover
+        self.p_guided = p_guided
+        self.guided_top = guided_top
         self.max_moves = max_moves
         self.elite_size = elite_size
         self.calibrate = calibrate
@@ -173,6 +179,8 @@ class BudgetSampler(optuna.samplers.BaseSampler):
         u = rng.random_sample()
         if u < self.p_exchange:
             parent = self._tournament(elite, rng)
+            if rng.random_sample() < self.p_guided:
+                return self._guided_exchange(parent.copy(), rng, limits)
             return self._exchange(parent.copy(), rng, limits)
         if u < self.p_exchange + self.p_crossover and len(elite) + len(front) > 1:
             pool = elite + front
@@ -237,7 +245,33 @@ class BudgetSampler(optuna.samplers.BaseSampler):
                 vec[j], cost = cj, cost + dj
         return vec if np.all(cost <= lim) else self._repair(vec, rng, limits)
 
-    def _repair(self, vec: np.ndarray, rng: np.random.RandomState, limits: list[float]) -> np.ndarray:
+    def _guided_exchange(self, vec: np.ndarray, rng: np.random.RandomState, limits: list[float]) -> np.ndarray:
+        """Raise the precision of a decision where the sensitivity table says it pays most per unit
+        of cost, then repair the budget elsewhere by the cheapest loss-per-saved-cost moves."""
+        if not self._budgets:
+            return self._mutate(vec, rng)
+        rows = np.arange(len(vec))
+        tab = self._budgets[0][0]
+        with np.errstate(invalid="ignore"):
+            dloss = self._loss - self._loss[rows, vec][:, None]  # < 0: better
+            dcost = tab - tab[rows, vec][:, None]
+        ok = np.isfinite(dloss) & (dloss < 0)
+        if not ok.any():
+            return self._exchange(vec, rng, limits)
+        with np.errstate(invalid="ignore", divide="ignore"):  # padded choices are inf
+            score = np.where(ok, -dloss / np.maximum(dcost, 1e-12 * float(np.abs(tab[np.isfinite(tab)]).max())), 0.0)
+        top = np.argsort(score, axis=None)[::-1][: self.guided_top]
+        top = [f for f in top if score.flat[f] > 0]
+        picks = rng.permutation(len(top))[: rng.randint(1, self.max_moves + 1)]
+        frozen = []
+        for k in picks:
+            d, c = np.unravel_index(top[k], score.shape)
+            if int(d) not in frozen:
+                vec[d] = c
+                frozen.append(int(d))
+        return self._repair(vec, rng, limits, frozen=frozen)
+
+    def _repair(self, vec: np.ndarray, rng: np.random.RandomState, limits: list[float], frozen: Sequence[int] = ()) -> np.ndarray:
         """Greedy: while over a budget, take a move with small loss increase per unit of excess removed."""
         if not self._budgets:
             return vec
@@ -256,6 +290,8 @@ class BudgetSampler(optuna.samplers.BaseSampler):
             saved[~np.isfinite(saved)] = 0.0
             dloss = self._loss - cur_loss
             ok = (saved > 0) & np.isfinite(dloss)
+            if len(frozen):
+                ok[list(frozen)] = False
             if not ok.any():
                 break
             score = np.where(ok, np.maximum(dloss, 0.0) / np.where(ok, saved, 1.0), np.inf)
