@@ -1,0 +1,128 @@
+"""`mpsearch run` end to end on a tiny model: artifacts, reuse on rerun, a kill mid-run, export."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mpsearch.pipeline import RunConfig, choose, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = dict(model="tiny:llava", method="activation", calib_samples=8, batch_size=8, limit=24,
+             search_trials=40, refine_trials=3, top_k=2,
+             workload={"batch": 1, "phase": "prefill", "threads": 1, "repeats": 3, "warmup": 1})
+
+
+def small_config(out: Path) -> RunConfig:
+    return RunConfig(out=str(out), **SMALL)
+
+
+def test_demo_example_config_is_the_default():
+    assert RunConfig.from_yaml(ROOT / "examples" / "demo.yaml") == RunConfig()
+    real = RunConfig.from_yaml(ROOT / "examples" / "qwen2vl-2b-mmmu-h100.yaml")
+    assert set(real.to_dict()) == set(RunConfig().to_dict())
+
+
+def test_run_writes_every_artifact_and_reuses_them(tmp_path):
+    logs: list[str] = []
+    summary = run_pipeline(small_config(tmp_path), log=logs.append)
+    for name in ("sens.json", "latency.json", "front.json", "refined.json", "results.jsonl", "policy.yaml",
+                 "stages.json", "summary.txt"):
+        assert (tmp_path / name).is_file(), name
+    assert {p.suffix for p in summary.plots} == {".png", ".svg"}
+    assert (tmp_path / "plots" / "pareto.png").stat().st_size > 10_000
+    # the exported map loads back, is fully expanded, and carries metrics and provenance
+    doc = yaml.safe_load((tmp_path / "policy.yaml").read_text())
+    from mpsearch.models import discover_layers, load_vlm
+
+    model, _ = load_vlm("tiny:llava", load_processor=False)
+    assert set(doc["layers"]) == {l.name for l in discover_layers(model)}
+    assert doc["metrics"]["synthetic_accuracy"] == summary.chosen.accuracy
+    assert doc["provenance"]["search_space"] == "cpu" and doc["provenance"]["seed"] == 0
+    # the chosen policy meets both budgets (measured latency, or predicted when no measurement did)
+    by = doc["provenance"]["selected_by"]
+    lat = summary.chosen.latency_ms if by == "measured latency" else summary.chosen.predicted_latency_ms
+    assert lat <= summary.budget_ms
+    assert summary.chosen.memory_bytes <= summary.budget_mb * 2**20
+    # baselines, the ILP policy and searched policies were all evaluated, each once
+    labels = [r.label for r in summary.results]
+    assert labels[0] == "fp32" and "ilp" in labels and any(l.startswith("uniform") for l in labels)
+    records = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
+    keys = [r["result"]["policy_key"] for r in records]
+    assert len(keys) == len(set(keys))
+    # rerun: every stage reused, nothing appended
+    logs.clear()
+    run_pipeline(small_config(tmp_path), log=logs.append)
+    for stage in ("profile", "latency", "search", "refine"):
+        assert any(l.startswith(f"[{stage}] reusing") for l in logs), (stage, logs)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(records)
+    # a changed input redoes that stage (and downstream), not the upstream ones
+    logs.clear()
+    cfg = small_config(tmp_path)
+    cfg.search_trials = 45
+    run_pipeline(cfg, log=logs.append)
+    assert any(l.startswith("[profile] reusing") for l in logs)
+    assert not any(l.startswith("[search] reusing") for l in logs)
+
+
+def test_kill_during_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    body = {"mpsearch_run": 1, **SMALL, "out": str(tmp_path / "out")}
+    cfg.write_text(yaml.safe_dump(body))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mpsearch", "run", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    results = tmp_path / "out" / "results.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:  # kill once evaluation has written a record
+        if results.exists() and results.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = [json.loads(l)["result"]["policy_key"] for l in results.read_text().splitlines() if l.strip()]
+    out = subprocess.run([sys.executable, "-m", "mpsearch", "run", str(cfg)], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for stage in ("profile", "latency", "search", "refine"):
+        assert f"[{stage}] reusing" in out.stdout
+    after = [json.loads(l)["result"]["policy_key"] for l in results.read_text().splitlines() if l.strip()]
+    assert after[: len(before)] == before          # nothing lost
+    assert len(after) == len(set(after))           # nothing duplicated
+    assert (tmp_path / "out" / "policy.yaml").exists()
+
+
+class R:
+    def __init__(self, label, acc, lat, mem, kl=0.0, pred=None):
+        self.label, self.accuracy, self.latency_ms, self.memory_bytes, self.kl = label, acc, lat, mem, kl
+        self.predicted_latency_ms = pred if pred is not None else lat
+
+
+def test_choose_against_brute_force():
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        rs = [R(f"p{i}", rng.choice([0.5, 0.6, 0.7]), rng.uniform(1, 10), rng.randint(1, 10) * 2**20,
+                kl=rng.random()) for i in range(6)]
+        b_ms, b_mb = rng.uniform(1, 10), rng.randint(1, 10)
+        ok = [r for r in rs if r.latency_ms <= b_ms and r.memory_bytes <= b_mb * 2**20]
+        if not ok:
+            with pytest.raises(Exception, match="no evaluated policy meets"):
+                choose(rs, budget_ms=b_ms, budget_mb=b_mb)
+            continue
+        best = choose(rs, budget_ms=b_ms, budget_mb=b_mb)
+        assert best in ok
+        assert all((r.accuracy, -r.kl) <= (best.accuracy, -best.kl) for r in ok)
+    rs = [R("fp", 0.9, 10, 4), R("a", 0.88, 5, 2), R("b", 0.80, 2, 1)]
+    assert choose(rs, max_accuracy_drop=0.05).label == "a"
