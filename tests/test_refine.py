@@ -172,3 +172,14 @@ def test_cli_refine(setup, tmp_path, capsys):
     refined = read_front(out)
     assert refined and all(c.kl is not None and c.measured_latency_ms is not None for c in refined)
     assert refined.meta["stage"] == "refine" and refined.meta["fidelity"]["n"] == 4
+
+
+def test_refine_accepts_the_issue_argument_order(setup):
+    from mpsearch.search._refine import refine
+
+    model, processor, layers, batches, sens, lat, _ = setup
+    front = _front(layers, sens, lat)
+    a = refine(model, processor, batches, front, SPACE, 1e6, 2, workload=WORKLOAD, progress=False)
+    b = refine(model, processor, front, SPACE, 1e6, 2, batches=batches, workload=WORKLOAD, progress=False)
+    assert a.meta["trials"]["total"] == b.meta["trials"]["total"] == 2 and a.meta["budget_ms"] == b.meta["budget_ms"] == 1e6
+    assert a[0].kl == b[0].kl == 0.0  # the fp32 seed, exact in both

@@ -49,11 +49,11 @@ from mpsearch.search._study import (
 def refine(
     model: Any,
     processor: Any,
-    candidates: Any,
-    space: Any,
+    candidates: Any = None,
+    space: Any = None,
+    *rest: Any,
     budget_ms: float | None = None,
-    n_trials: int = 50,
-    *,
+    n_trials: int | None = None,
     bench: Any = None,
     batches: Sequence[Any] | None = None,
     calib: Any = None,
@@ -90,6 +90,10 @@ def refine(
             the fidelity report; the ``evo`` sampler needs them for its moves).
         eager: quantize every (layer, format) before the study (else on first use, cached).
 
+    Positional arguments after ``processor`` are ``(candidates, space, budget_ms, n_trials)``;
+    the order ``(calib, candidates, space, budget_ms, n_trials)`` is accepted too (recognised
+    by the calibration data: a benchmark or a list of rows / batches).
+
     Returns:
         A :class:`Front` of feasible non-dominated candidates by (KL, measured latency), with
         ``failures`` (failed trials and reasons) and ``meta["fidelity"]``.
@@ -104,6 +108,22 @@ def refine(
     from mpsearch.models import discover_layers
     from mpsearch.sensitivity.kl import reference_logits
 
+    if _is_calibration(candidates):  # refine(model, processor, calib, candidates, space, budget_ms, n_trials)
+        calib = candidates if calib is None else calib
+        candidates, space, rest = space, (rest[0] if rest else None), rest[1:]
+    if len(rest) > 2:
+        raise TypeError(f"refine() takes at most 6 positional arguments ({len(rest) + 4} given)")
+    if rest:
+        if budget_ms is not None:
+            raise TypeError("refine() got budget_ms both by position and by keyword")
+        budget_ms = rest[0]
+    if len(rest) > 1:
+        if n_trials is not None:
+            raise TypeError("refine() got n_trials both by position and by keyword")
+        n_trials = rest[1]
+    n_trials = 50 if n_trials is None else int(n_trials)
+    if space is None:
+        raise MpsError("refine needs the search space (space=: an object, a shipped name or a YAML path)")
     sens, lat, space = load_inputs(sens, lat, space)
     cands = _candidates(candidates)
     layers = list(layers) if layers is not None else discover_layers(model)
@@ -311,6 +331,17 @@ def fidelity_report(trials: Sequence[optuna.trial.FrozenTrial], has_sens: bool, 
 
 
 # -- inputs --------------------------------------------------------------------------------------
+def _is_calibration(x: Any) -> bool:
+    """A benchmark, or a list of rows / encoded batches (candidates are never mappings)."""
+    try:
+        from mpsearch.tasks.base import Benchmark
+    except ImportError:  # pragma: no cover
+        Benchmark = ()  # type: ignore[assignment]
+    if isinstance(x, Benchmark):  # type: ignore[arg-type]
+        return True
+    return isinstance(x, (list, tuple)) and bool(x) and isinstance(x[0], dict)
+
+
 def _candidates(candidates: Any) -> list[Candidate]:
     if candidates is None:
         return []
