@@ -5,7 +5,7 @@ Example:
     >>> a = Candidate(Policy({"l": "fp32"}), 0.0, 10.0, 400, "uniform fp32")
     >>> b = Candidate(Policy({"l": "torch.int8dyn"}), 1.0, 4.0, 100, "ilp")
     >>> [c.source for c in pareto([a, b], ("proxy_loss", "predicted_latency_ms"))]
-    ['ilp', 'uniform fp32']
+    ['uniform fp32', 'ilp']
 """
 from __future__ import annotations
 
@@ -148,7 +148,12 @@ def write_front(path: str | Path, front: Sequence[Candidate], **header: Any) -> 
 
 
 def read_front(path: str | Path) -> Front:
-    """Read a front file (from ``search`` or ``refine``); foreign files raise :class:`ArtifactError`."""
+    """Read a front file (from ``search`` or ``refine``); foreign files raise :class:`ArtifactError`.
+
+    Example:
+        >>> front = read_front("front.json")                    # doctest: +SKIP
+        >>> front[0].policy, front.meta["budget_ms"]            # doctest: +SKIP
+    """
     doc = read_json(path, kind=FRONT_KIND)
     cands = doc.get("candidates")
     if not isinstance(cands, list):
