@@ -126,6 +126,14 @@ def test_derived_tokens_match_what_the_model_sees(arch):
     rows = _observed_rows(model, inputs, [x.name for x in layers])
     for x in layers:
         assert rows[x.name] == [tc.per_group[x.group]], (x.name, x.group)
+    # one decode step per row on the prompt's KV cache, cache cropped back after it
+    runner = measure_mod.PhaseRunner(model, w.with_(phase="decode"), "decode")
+    n = runner._cache.get_seq_length()
+    assert n == tc.seq_len
+    with torch.inference_mode():
+        out = runner.run()
+        runner.reset()
+    assert out.logits.shape[:2] == (2, 1) and runner._cache.get_seq_length() == n
 
 
 def test_demo_model_config_token_counts():

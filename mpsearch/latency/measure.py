@@ -138,12 +138,10 @@ class PhaseRunner:
         if cache is None or not hasattr(cache, "crop"):
             raise MpsError(f"{type(model).__name__} returned no croppable KV cache; cannot time a decode step")
         ids = self.inputs["input_ids"]
-        batch, seq = ids.shape[0], ids.shape[1]
         step = ids[:, -1:].clone()
-        mask = torch.ones(batch, seq + 1, dtype=torch.long, device=ids.device)
-        self.kwargs = {"input_ids": step, "attention_mask": mask, cache_arg: cache, **extra}
-        if "mm_token_type_ids" in self.inputs:
-            self.kwargs["mm_token_type_ids"] = torch.zeros_like(step)
+        # No attention mask: the rows are unpadded, and a mask over the whole sequence makes some
+        # models (Qwen2-VL's M-RoPE) derive positions for every cached token, not the new one.
+        self.kwargs = {"input_ids": step, cache_arg: cache, **extra}
         self._cache = cache
         self._prompt_len = int(cache.get_seq_length())
 
@@ -513,7 +511,10 @@ def _measure_context(model: Any, slots: dict[str, Any], cands: dict[str, list[st
     negative = sorted((n, f) for n, row in ms.items() for f, v in row.items() if v < 0)
     if negative:
         notes.append(f"{phase}: {len(negative)} layer entries came out negative after the overhead fit "
-                     f"(e.g. {negative[0][0]} in {negative[0][1]}); timing noise dominates those layers")
+                     f"(e.g. {negative[0][0]} in {negative[0][1]}) and were set to 0: timing noise dominates "
+                     "those layers; more repeats or a quieter machine help")
+        for n, f in negative:
+            ms[n][f] = 0.0
     extra = {"configurations": [label for label, _ in passes], "overhead_ms_per_layer": overhead,
              "rest_ms": dict(zip([label for label, _ in passes], rest)),
              "fit_residual_median": statistics.median(abs(x) for x in resid),
