@@ -1,23 +1,26 @@
 """Cost of the hessian sensitivity profile as the model grows: does it stay a few gradients per probe?
 
-    python benchmarks/profile_cost.py                 # 2x, 4x, 8x the layers of tiny:llava, 8 probes
-    python benchmarks/profile_cost.py --scales 2 4 8 --probes 8 --samples 8 --threads 1
+    python benchmarks/profile_cost.py                 # 2x, 4x, 8x the blocks of tiny:llava, 16 probes
+    python benchmarks/profile_cost.py --scales 2 4 8 --probes 16 --samples 8 --repeats 3 --threads 1
 
 For tiny:llava with its vision and language block counts multiplied by 2, 4 and 8 (same widths,
-same processor), prints
+same processor, random weights), prints
 
-    ratio = (hessian profile wall time) / (probes x one forward+backward over the calibration set)
+    ratio = (hessian profile time) / (probes x one forward+backward over the calibration set)
 
-where "one forward+backward" is a plain ``loss.backward()`` of the answer loss on every
-calibration batch with every parameter trainable (the model as loaded, SDPA attention), and
-the profile is ``mps.profile(..., method="hessian")`` on the same batches: Hutchinson probes
-(exact Hessian-vector products by double backward, eager attention switched on for the run) plus
-the per-format quantization errors of the ``cpu`` search space. Also printed: the Hutchinson
-part alone (``hutch.only``), the finite-difference variant (``hvp="fd"``, whole profile) and the
-per-format scoring time (``score s``: one ``quantize_weight`` per layer and format, independent of
-the probe count). Times are CPU time of this process (``time.process_time``, one thread by
-default), so that other jobs on a shared machine do not distort them; medians of ``--repeats``
-runs, interleaved. Goal (issue 3): ratio <= 3 and flat as the layers grow.
+"one forward+backward": ``loss.backward()`` of the answer loss on every calibration batch, every
+parameter trainable, the model as loaded (SDPA attention). "profile": the whole
+``mps.profile(..., method="hessian")`` on the same batches: the Hutchinson probes plus scoring
+(one ``quantize_weight`` per layer and format of the ``cpu`` space, a cost that does not depend
+on the probe count; timed alone, its seconds are printed as ``score s``). Two Hessian-vector products:
+
+* ``auto``: what ``hvp="auto"`` runs on fp32 weights: finite differences (two gradients per probe,
+  the model's own SDPA attention);
+* ``hvp``: exact double backward (``hvp="hvp"``; eager attention switched on for the run).
+
+``probes only`` columns are the Hutchinson part alone. Times are CPU time of this process
+(``time.process_time``, one thread), so that other jobs on a shared machine do not distort
+them; medians of ``--repeats`` interleaved runs. Goal (issue 3): ratio <= 3 and flat.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ def build(scale: int):
 
 
 def time_forward_backward(model, batches) -> float:
+    """CPU seconds of one forward+backward of the answer loss over all batches."""
     from mpsearch.sensitivity.calib import answer_loss, n_answer_tokens
 
     total = n_answer_tokens(batches)
@@ -60,20 +64,39 @@ def time_forward_backward(model, batches) -> float:
     return dt
 
 
-def time_hutchinson(model, batches, layers, probes: int) -> float:
-    """CPU seconds of the Hutchinson estimate alone (as profile runs it: eager attention, exact HVP)."""
+def time_profile(model, processor, layers, space, batches, probes: int, hvp: str) -> tuple[float, float]:
+    """CPU seconds of the whole profile, and of its Hutchinson part alone (same settings)."""
+    import mpsearch as mps
     from mpsearch.models import get_module
     from mpsearch.sensitivity import hutchinson
     from mpsearch.sensitivity.calib import answer_loss, n_answer_tokens
-    from mpsearch.sensitivity.profiler import _attention_for
+    from mpsearch.sensitivity.profiler import _attention_for, auto_hvp
 
+    t0 = time.process_time()
+    r = mps.profile(model, processor, None, layers, space, method="hessian", n_probes=probes, batches=batches,
+                    hvp=hvp, progress=False)
+    whole = time.process_time() - t0
+    assert r.meta["n_probes"] == probes and r.meta["hvp"] == ("fd" if hvp == "auto" else hvp)
     total = n_answer_tokens(batches)
     parts = [(lambda b=b: answer_loss(model, b, reduction="sum") / total) for b in batches]
     modules = {l.name: get_module(model, l.name) for l in layers}
-    with _attention_for(model, "auto") as (method, _):
+    with _attention_for(model, auto_hvp(modules) if hvp == "auto" else hvp) as (method, _):
         t0 = time.process_time()
         hutchinson(model, parts, modules, n_probes=probes, method=method)
-        return time.process_time() - t0
+        probes_only = time.process_time() - t0
+    return whole, probes_only
+
+
+def time_scoring(model, layers, space) -> float:
+    """CPU seconds of the scoring step alone: ``quantize_weight`` per layer and candidate format."""
+    from mpsearch.models import get_module
+    from mpsearch.sensitivity.profiler import _per_format
+
+    modules = {l.name: get_module(model, l.name) for l in layers}
+    candidates = {l.name: space.candidates(l) for l in layers}
+    t0 = time.process_time()
+    _per_format(modules, candidates, lambda n, w, q: float((q - w.float()).pow(2).sum()))
+    return time.process_time() - t0
 
 
 def main() -> None:
@@ -83,7 +106,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scales", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--probes", type=int, default=8)
+    ap.add_argument("--probes", type=int, default=16)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
@@ -93,34 +116,33 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = synthetic.generate("dev", args.samples, seed=0)
     space = mps.SearchSpace.from_yaml(args.space)
-    print(f"CPU time; torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.samples} samples in batches of "
-          f"{args.batch_size}, {args.probes} probes, space {space.name}, medians of {args.repeats}")
-    print(f"{'scale':>5} {'linears':>7} {'fwd+bwd ms':>10} {'profile s':>9} {'ratio':>6} {'hutch.only':>10} "
-          f"{'fd ratio':>8} {'score s':>7}")
+    print(f"CPU time; torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.samples} samples in batches "
+          f"of {args.batch_size}, {args.probes} probes, space {space.name} ({len(space.formats())} formats), "
+          f"medians of {args.repeats}")
+    print(f"{'scale':>5} {'linears':>7} {'fwd+bwd ms':>10} | {'auto (fd): ratio':>16} {'probes only':>11} | "
+          f"{'hvp: ratio':>10} {'probes only':>11} | {'score s':>7}")
     for scale in args.scales:
         model, processor = build(scale)
         layers = mps.discover_layers(model)
         batches = calibration_batches(model, processor, rows, n_samples=args.samples, batch_size=args.batch_size)
-        time_forward_backward(model, batches)  # warm-up (lazy imports, allocator, first quantizations)
-        mps.profile(model, processor, None, layers, space, method="hessian", n_probes=1, batches=batches, progress=False)
-        fb, prof, hutch, fd = [], [], [], []
+        time_forward_backward(model, batches)  # warm-up: lazy imports, allocator, first quantizations
+        time_profile(model, processor, layers, space, batches, 1, "auto")
+        time_profile(model, processor, layers, space, batches, 1, "hvp")
+        fb, auto, auto_p, hvp, hvp_p, score = [], [], [], [], [], []
         for _ in range(args.repeats):
             fb.append(time_forward_backward(model, batches))
-            t0 = time.process_time()
-            r = mps.profile(model, processor, None, layers, space, method="hessian", n_probes=args.probes,
-                            batches=batches, progress=False)
-            prof.append(time.process_time() - t0)
-            hutch.append(time_hutchinson(model, batches, layers, args.probes))
-            t0 = time.process_time()
-            mps.profile(model, processor, None, layers, space, method="hessian", n_probes=args.probes,
-                        batches=batches, hvp="fd", progress=False)
-            fd.append(time.process_time() - t0)
+            w, p = time_profile(model, processor, layers, space, batches, args.probes, "auto")
+            auto.append(w)
+            auto_p.append(p)
+            w, p = time_profile(model, processor, layers, space, batches, args.probes, "hvp")
+            hvp.append(w)
+            hvp_p.append(p)
+            score.append(time_scoring(model, layers, space))
             fb.append(time_forward_backward(model, batches))
-        assert r.meta["hvp"] == "hvp" and r.meta["n_probes"] == args.probes
-        f, p, h, d = (statistics.median(x) for x in (fb, prof, hutch, fd))
+        f, a, ap_, h, hp, sc = (statistics.median(x) for x in (fb, auto, auto_p, hvp, hvp_p, score))
         unit = args.probes * f
-        print(f"{scale:>4}x {len(layers):>7} {f * 1e3:>10.1f} {p:>9.2f} {p / unit:>6.2f} {h / unit:>10.2f} "
-              f"{d / unit:>8.2f} {p - h:>7.2f}", flush=True)
+        print(f"{scale:>4}x {len(layers):>7} {f * 1e3:>10.1f} | {a / unit:>16.2f} {ap_ / unit:>11.2f} | "
+              f"{h / unit:>10.2f} {hp / unit:>11.2f} | {sc:>7.2f}", flush=True)
 
 
 if __name__ == "__main__":
