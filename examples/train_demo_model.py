@@ -402,6 +402,8 @@ def main(argv=None):
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--fresh", action="store_true", help="ignore a saved training state")
+    ap.add_argument("--keep-state", action="store_true",
+                    help="keep the training state (_train_state/) after the final save")
     ap.add_argument("--eval-only", action="store_true",
                     help="evaluate the saved model on the validation split (logits and greedy generation)")
     ap.add_argument("--eval-only-n", type=int, default=500, help="validation questions for --eval-only")
@@ -559,6 +561,8 @@ def main(argv=None):
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    if not args.keep_state:  # the package ships demo/**: never leave an 18 MB checkpoint in it
+        shutil.rmtree(state_dir, ignore_errors=True)
     print(f"saved to {out}", flush=True)
 
 
