@@ -199,11 +199,11 @@ def search(
         idx = prob.from_params(params)
         return proxy_outcome(prob, idx, objectives, budget_ms, budget_bytes)
 
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         counts = run_worker(study, objective, progress=progress, desc="search", timeout_s=timeout_s)
-    wall = time.perf_counter() - t1
+    wall, cpu = time.perf_counter() - t1, time.process_time() - c1
     done = counts["complete"] + counts["failed"]
 
     cands = [ilp] + [c for c in ilp_pts if _fits(c, budget_ms, budget_bytes)] if seeding == "ilp" else []
@@ -228,6 +228,7 @@ def search(
                    "complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials),
                    "this_worker": done},
         "ms_per_trial": round(1000.0 * wall / done, 3) if done else None,
+        "cpu_ms_per_trial": round(1000.0 * cpu / done, 3) if done else None,
         "sensitivity": getattr(sens, "method", None),
         "model": (getattr(sens, "meta", {}) or {}).get("model"),
         "device": getattr(lat, "device", None),
