@@ -25,7 +25,6 @@ Nothing here is a test: timings depend on the machine; the figures go to docs/be
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
