@@ -12,7 +12,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ def reference_logits(model: nn.Module, batches: Sequence[Mapping[str, Any]], pro
 
     Example:
         >>> ref = reference_logits(model, batches)   # doctest: +SKIP
-        >>> ref[0].dtype
+        >>> ref[0].dtype                             # doctest: +SKIP
         torch.float32
     """
     from tqdm.auto import tqdm
