@@ -516,3 +516,21 @@ def test_cuda_formats_bytes_and_sqnr(fmt: str) -> None:
     m = f.make_module(lin)
     assert module_bytes(m) == f.storage_bytes(1024, 256, True, torch.bfloat16)
     assert sqnr_db(lin(x).float(), m(x).float()) > {"ao.int8wo": 35, "ao.fp8": 25, "bnb.int8": 35}.get(fmt, 15)
+
+
+def test_memory_of_many_dynamic_int8_layers_is_not_undercounted():
+    # torch's dynamic int8 hands out freshly unpacked weights; their ids and addresses must not
+    # be reused while storages are compared (regression: 55 layers counted as ~0.4 of their bytes)
+    from mpsearch.formats import apply_policy, get_format, policy_memory_bytes
+    from mpsearch.formats.base import module_bytes
+    from mpsearch.policy import Policy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(24)])
+    fmt = get_format("torch.int8dyn")
+    expected = 24 * fmt.storage_bytes(128, 128, True)
+    policy = Policy({}, default="torch.int8dyn")
+    assert policy_memory_bytes(model, policy) == expected
+    apply_policy(model, policy)
+    assert module_bytes(model) == expected
+    assert policy_memory_bytes(model, policy) == expected

@@ -270,11 +270,11 @@ def policy_memory_bytes(model: nn.Module, policy: Any) -> int:
     targets = _targets(policy, slots)
     inside = {id(m) for s in slots.values() for m in s.module.modules()}
     counter = _Counter()
-    total = counter.add(tensor_storages(m for m in model.modules() if id(m) not in inside))
+    total = counter.add(tensor_storages((m for m in model.modules() if id(m) not in inside), counter.keep))
     for name, slot in slots.items():
         fmt = targets[name]
         if fmt.name == slot.fmt:
-            total += counter.add(tensor_storages(slot.module.modules()))
+            total += counter.add(tensor_storages(slot.module.modules(), counter.keep))
         else:
             total += fmt.storage_bytes(slot.in_features, slot.out_features, slot.bias, slot.dtype)
     return total

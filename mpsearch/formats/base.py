@@ -302,14 +302,22 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int, str] | None:
         return (id(t), t.numel() * t.element_size(), str(t.device))
 
 
-def tensor_storages(modules: Iterable[nn.Module]) -> dict[tuple[int, int, str], int]:
-    """Distinct storages (key -> bytes) of every tensor the given modules keep (no recursion)."""
+def tensor_storages(modules: Iterable[nn.Module], keep: list[torch.Tensor] | None = None
+                    ) -> dict[tuple[int, int, str], int]:
+    """Distinct storages (key -> bytes) of every tensor the given modules keep (no recursion).
+
+    Some backends hand out freshly unpacked tensors (torch dynamic int8's packed weight): their
+    addresses and ids can be reused once they are freed, so every tensor seen is appended to
+    ``keep`` (a local list when None) and stays alive while keys are compared.
+    """
+    keep = [] if keep is None else keep
     out: dict[tuple[int, int, str], int] = {}
     for m in modules:
         for t in _own_tensors(m):
             for leaf in _leaves(t):
                 key = _storage_key(leaf)
                 if key is not None:
+                    keep.append(leaf)
                     out[key] = key[1]
     return out
 
@@ -333,6 +341,7 @@ class _Counter:
     """Distinct-storage accumulator (used by :func:`policy_memory_bytes`)."""
 
     seen: dict[tuple[int, int, str], int] = field(default_factory=dict)
+    keep: list[torch.Tensor] = field(default_factory=list)  # tensors alive while keys are compared
 
     def add(self, storages: dict[tuple[int, int, str], int]) -> int:
         new = {k: v for k, v in storages.items() if k not in self.seen}
