@@ -311,3 +311,28 @@ def test_cli_search_and_infeasible(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: no policy of search space 'synthetic' meets budget_ms=0.001")
     assert "fastest:" in err and err.count("\n") == 1 and not bad.exists()
+
+
+def test_cli_memory_budget_counts_the_whole_model(tmp_path, capsys):
+    """--model: layers and exact whole-model memory (checked against policy_memory_bytes)."""
+    from mpsearch.cli import main
+    from mpsearch.formats import policy_memory_bytes
+    from mpsearch.models import discover_layers, load_vlm
+
+    model, _ = load_vlm("demo", load_processor=False)
+    layers = discover_layers(model)
+    space = SearchSpace.from_yaml("cpu")
+    rng = np.random.default_rng(0)
+    sens = SensitivityReport({l.name: {f: (0.0 if f == "fp32" else float(rng.exponential())) for f in space.candidates(l)}
+                              for l in layers}, meta={"search_space": "cpu"})
+    sens.to_json(tmp_path / "sens.json")
+    names = [l.name for l in layers]
+    full = policy_memory_bytes(model, Policy.uniform("fp32", names))
+    budget_mb = 0.7 * full / BYTES_PER_MB
+    rc = main(["search", "--sens", str(tmp_path / "sens.json"), "--model", "demo", "--budget-mb", str(budget_mb),
+               "--n-trials", "10", "--sampler", "evo", "--no-progress", "-o", str(tmp_path / "front.json")])
+    assert rc == 0, capsys.readouterr().err
+    front = read_front(tmp_path / "front.json")
+    assert front and front.meta["memory_scope"] == "model"
+    for c in front:
+        assert c.memory_bytes == policy_memory_bytes(model, c.policy) <= budget_mb * BYTES_PER_MB

@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="model whose layers are searched (also gives exact whole-model memory); default: the layers "
                         "listed in the sensitivity report")
+    p.add_argument("--dtype", default=None, help="dtype to load --model in (memory of unsearched weights); default: the model's")
     p.add_argument("--budget-ms", type=float, default=None, help="latency budget in ms (LatencyTable.predict)")
     p.add_argument("--budget-mb", type=float, default=None, help="weight memory budget in MiB")
     p.add_argument("--n-trials", "--trials", dest="n_trials", type=int, default=2000, help="trials in the study (default 2000)")
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         from mpsearch.models import load_vlm
 
-        model, _ = load_vlm(args.model, load_processor=False)
+        model, _ = load_vlm(args.model, dtype=args.dtype, load_processor=False)
     front = search(sens, lat, space, budget_ms=args.budget_ms, budget_mb=args.budget_mb, n_trials=args.n_trials,
                    storage=args.storage, seed=args.seed, sampler=args.sampler, study_name=args.study_name, model=model,
                    front_points=args.front_points, seeding=args.seeding, progress=not args.no_progress,
