@@ -94,7 +94,7 @@ def test_four_workers_postgres(inputs):
 
 def test_kill_9_then_rerun_resumes(inputs, tmp_path):
     d, budget = inputs
-    url, name, n = f"sqlite:///{tmp_path}/k.db", "killed", 150
+    url, name, n = f"sqlite:///{tmp_path}/k.db", "killed", 300
     cmd = _cmd(d, budget, url, name, n, tmp_path / "front.json")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     storage = None
