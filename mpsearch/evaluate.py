@@ -594,7 +594,8 @@ def evaluate(
         rec = {"schema": SCHEMA_VERSION, "kind": RECORD_KIND, "identity": identity(policy),
                "provenance": provenance(model=model_name, benchmark=bench.name, split=bench.split,
                                         source=getattr(bench, "source", ""), mode=mode, seed=int(seed),
-                                        scoring=_SCORING),
+                                        scoring=_SCORING, device=_device_label(model),
+                                        workload=workload.to_dict() if hasattr(workload, "to_dict") else None),
                "result": result.to_dict()}
         append_jsonl(results_path, rec)
 
@@ -626,6 +627,12 @@ def evaluate(
         k = ident_key(identity(p))
         out.append(fresh.get(k) or done[k])
     return out
+
+
+def _device_label(model: Any) -> str:
+    from mpsearch.artifacts import device_name
+
+    return device_name(_model_device(model))
 
 
 def _drop_torn_tail(path: str | Path) -> None:

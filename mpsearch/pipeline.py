@@ -217,6 +217,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out)
     seconds: dict[str, float] = {}
+    # The proxy search is cheap (seconds in memory; a SQLite transaction per parameter would
+    # dominate it), so it runs in memory unless a storage is configured; refine, which spends
+    # real model time per trial, always lives in a storage so an interrupted run resumes it.
+    search_storage = cfg.storage
     storage = cfg.storage or f"sqlite:///{(out / 'studies.db').resolve()}"
 
     def stage(name: str) -> Callable[[], None]:
@@ -298,7 +302,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
         log(f"[search] reusing {front_path}")
     else:
         front = search(sens, lat, space, budget_ms=budget_ms, budget_mb=budget_mb, n_trials=cfg.search_trials,
-                       storage=storage, study_name=f"search-{key}", seed=cfg.seed, sampler=cfg.sampler,
+                       storage=search_storage, study_name=f"search-{key}", seed=cfg.seed, sampler=cfg.sampler,
                        layers=layers, model=model)
         write_front(front_path, front, model=cfg.model, budget_ms=budget_ms, budget_mb=budget_mb, stage="search")
         manifest.record("search", key, front_path)
@@ -325,7 +329,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
                                       batch_size=cfg.batch_size, seed=cfg.seed)
         refined = refine(model, processor, front, batches=batches, space=space, workload=workload,
                          n_trials=cfg.refine_trials, storage=storage, study_name=f"refine-{key}",
-                         budget_ms=budget_ms, budget_mb=budget_mb, seed=cfg.seed, layers=layers)
+                         budget_ms=budget_ms, budget_mb=budget_mb, seed=cfg.seed, layers=layers, lat=lat, sens=sens)
         write_front(refined_path, refined, model=cfg.model, budget_ms=budget_ms, budget_mb=budget_mb,
                     stage="refine")
         manifest.record("refine", key, refined_path)
@@ -428,7 +432,11 @@ def pick_for_evaluation(front: Sequence[Any], top_k: int) -> list[Any]:
 
 def choose(results: Sequence[Any], budget_ms: float | None = None, budget_mb: float | None = None,
            max_accuracy_drop: float | None = None, latency: str = "measured") -> Any:
-    """Pick a result: the most accurate within the budgets (ties: lowest KL, then fastest).
+    """Pick a result within the budgets: the lowest KL among those whose accuracy cannot be
+    told apart from the best (its 95% interval reaches the best accuracy); ties: fastest.
+
+    Accuracy differences of a question or two are noise; KL to the full-precision model is the
+    finer measure of how much a policy changed the model (docs/benchmarks.md).
 
     ``latency="measured"`` compares the budget with the end-to-end latency measured during
     evaluation, ``"predicted"`` with the latency table's prediction. With
@@ -457,7 +465,14 @@ def choose(results: Sequence[Any], budget_ms: float | None = None, budget_mb: fl
         fastest = min(results, key=lat)
         raise MpsError(f"no evaluated policy meets the constraint ({latency} latency); the fastest is "
                        f"{fastest.label!r} at {lat(fastest):.3f} ms, {(fastest.memory_bytes or 0) / 2**20:.3f} MiB")
-    return max(pool, key=lambda r: (r.accuracy, -(r.kl or 0.0), -lat(r)))
+    best = max(r.accuracy for r in pool)
+    close = [r for r in pool if _ci_high(r) >= best - 1e-12]
+    return min(close, key=lambda r: (max(r.kl or 0.0, 0.0), -r.accuracy, lat(r)))
+
+
+def _ci_high(result: Any) -> float:
+    ci = getattr(result, "accuracy_ci", None)
+    return float(ci[1]) if ci else float(result.accuracy)
 
 
 def export_result(result: Any, path: str | Path, layers: Sequence[Any], model_name: str, revision: str | None,

@@ -23,29 +23,36 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mpsearch.artifacts import read_jsonl
     from mpsearch.errors import MpsError
-    from mpsearch.evaluate import load_results
+    from mpsearch.evaluate import read_results
     from mpsearch.models import discover_layers, load_vlm
     from mpsearch.pipeline import choose, export_result
 
-    results = load_results(args.results)
+    results = read_results(args.results)
+    records = read_jsonl(args.results)
     if args.benchmark:
         results = [r for r in results if r.benchmark == args.benchmark]
     if args.mode:
         results = [r for r in results if r.mode == args.mode]
     if not results:
         raise MpsError(f"{args.results}: no results" + (" match the filters" if args.benchmark or args.mode else ""))
+    # the full-precision baseline first: --max-accuracy-drop is measured from it
+    ordered = [r for r in results if r.baseline] + [r for r in results if not r.baseline]
+    if args.max_accuracy_drop is not None and not ordered[0].baseline:
+        raise MpsError(f"{args.results}: no full-precision baseline result to measure the accuracy drop from")
     drop = args.max_accuracy_drop / 100.0 if args.max_accuracy_drop is not None else None
-    baseline = [r for r in results if r.meta.get("baseline")] if hasattr(results[0], "meta") else []
-    ordered = baseline + [r for r in results if r not in baseline]
     chosen = choose(ordered, budget_ms=args.best_under_ms, budget_mb=args.best_under_mb, max_accuracy_drop=drop)
-    model_name = args.model or chosen.model
+    prov = next((r.get("provenance", {}) for r in records
+                 if r.get("result", {}).get("policy_key") == chosen.policy.key()), {})
+    model_name = args.model or prov.get("model")
     if not model_name:
         raise MpsError(f"{args.results}: the results do not name their model; pass --model")
     model, _ = load_vlm(model_name, load_processor=False)
-    export_result(chosen, args.output, discover_layers(model), model_name=model_name, revision=None,
-                  workload=chosen.workload or {}, device=chosen.device or "unknown")
-    print(f"{args.output}: {chosen.label}  accuracy {chosen.accuracy:.4f}  "
-          f"latency {chosen.latency_ms if chosen.latency_ms is not None else float('nan'):.3f} ms  "
-          f"memory {chosen.memory_bytes / 2**20:.3f} MiB")
+    export_result(chosen, args.output, discover_layers(model), model_name=model_name, revision=prov.get("revision"),
+                  workload=prov.get("workload") or {}, device=prov.get("device") or "unknown",
+                  extra_provenance={"results": str(args.results), "benchmark": f"{chosen.benchmark}/{chosen.split}"})
+    latency = f"{chosen.latency_ms:.3f} ms" if chosen.latency_ms is not None else "latency not measured"
+    print(f"{args.output}: {chosen.label}  accuracy {100 * chosen.accuracy:.2f}%  {latency}  "
+          f"memory {(chosen.memory_bytes or 0) / 2**20:.3f} MiB")
     return 0
