@@ -164,3 +164,67 @@ def test_bad_run_config(capsys, tmp_path):
     assert code == 2
     assert "run.yaml:3: unknown field 'budget_msec'" in one_error_line(err)
     assert not (tmp_path / "out").exists()
+
+
+def _tiny_reports(tmp_path):
+    """A sensitivity report and a latency table for tiny:llava, written as the CLI writes them."""
+    import mpsearch as mps
+    from mpsearch.latency import LatencyTable
+
+    model, processor = mps.load_vlm("tiny:llava")
+    layers = mps.discover_layers(model)
+    space = mps.SearchSpace.from_yaml("cpu")
+    sens = mps.profile(model, processor, list(mps.load_benchmark("synthetic", "dev", limit=4)), layers, space,
+                       method="activation", n_samples=4, batch_size=2, progress=False, model_name="tiny:llava")
+    lat = LatencyTable(base_ms=1.0, ms={l.name: {f: 0.1 for f in space.candidates(l)} for l in layers},
+                       meta={"model": "tiny:llava"})
+    sens.to_json(tmp_path / "sens.json")
+    lat.to_json(tmp_path / "lat.json")
+    return tmp_path / "sens.json", tmp_path / "lat.json"
+
+
+def test_budget_below_the_fastest_policy(capsys, tmp_path):
+    sens, lat = _tiny_reports(tmp_path)
+    out = tmp_path / "front.json"
+    code, _, err = run_cli(capsys, "search", "--sens", sens, "--latency", lat, "--space", "cpu",
+                           "--budget-ms", "0.5", "--n-trials", "5", "-o", out)
+    assert code == 2
+    line = one_error_line(err)
+    assert "budget_ms=0.5" in line and "fastest" in line
+    assert not out.exists()
+
+
+def test_budget_above_the_slowest_policy_warns(capsys, tmp_path):
+    sens, lat = _tiny_reports(tmp_path)
+    out = tmp_path / "front.json"
+    with pytest.warns(UserWarning, match="budget_ms=1000 is at or above the slowest policy.*constrains nothing"):
+        code, _, _ = run_cli(capsys, "search", "--sens", sens, "--latency", lat, "--space", "cpu",
+                             "--budget-ms", "1000", "--n-trials", "5", "--no-progress", "-o", out)
+    assert code == 0 and out.exists()
+
+
+def test_pins_leave_nothing_to_search(capsys, tmp_path):
+    sens, lat = _tiny_reports(tmp_path)
+    space = tmp_path / "pinned.yaml"
+    space.write_text("name: pinned\ngroups: {vision: [fp32], projector: [fp32], language: [fp32], head: [fp32]}\n"
+                     "pin: {'*': fp32}\n")
+    out = tmp_path / "front.json"
+    code, _, err = run_cli(capsys, "search", "--sens", sens, "--latency", lat, "--space", space,
+                           "--budget-ms", "10", "--n-trials", "5", "-o", out)
+    assert code == 2
+    assert "nothing to search" in one_error_line(err)
+    assert not out.exists()
+
+
+def test_latency_table_of_another_model(capsys, tmp_path):
+    from mpsearch.latency import LatencyTable
+
+    sens, _ = _tiny_reports(tmp_path)
+    other = LatencyTable(base_ms=1.0, ms={"encoder.layers.0.fc1": {"fp32": 0.1}}, meta={"model": "other"})
+    other.to_json(tmp_path / "other.json")
+    out = tmp_path / "front.json"
+    code, _, err = run_cli(capsys, "search", "--sens", sens, "--latency", tmp_path / "other.json", "--space", "cpu",
+                           "--budget-ms", "10", "--n-trials", "5", "-o", out)
+    assert code == 2
+    assert "latency" in one_error_line(err).lower()
+    assert not out.exists()

@@ -153,7 +153,9 @@ def search(
     """
     sens, lat, space = load_inputs(sens, lat, space)
     budget_bytes = _mb_to_bytes(budget_mb)
-    prob = ProxyProblem.build(sens, lat, space, resolve_layers(layers, model, sens), model=model)
+    layer_list = resolve_layers(layers, model, sens)
+    space.searchable(layer_list)  # pins that leave nothing to search are an error, not an empty study
+    prob = ProxyProblem.build(sens, lat, space, layer_list, model=model)
     _check_budgets(prob, budget_ms, budget_bytes, warn=True)
 
     if seeding not in ("ilp", "uniform", "none"):
