@@ -455,7 +455,7 @@ def evaluate(
         >>> [(r.label, r.accuracy, r.flips) for r in results]  # doctest: +SKIP
         [('fp32', 0.62, 0.0), ('pareto-1', 0.61, 0.03)]
     """
-    from mpsearch.artifacts import SCHEMA_VERSION, append_jsonl, check_header, provenance, read_jsonl
+    from mpsearch.artifacts import SCHEMA_VERSION, append_jsonl, check_header, drop_torn_tail, provenance, read_jsonl
     from mpsearch.tasks import mmmu
 
     if mode not in MODES:
@@ -590,7 +590,7 @@ def evaluate(
     def record(result: Result, policy: Any) -> None:
         if results_path is None:
             return
-        _drop_torn_tail(results_path)
+        drop_torn_tail(results_path)
         rec = {"schema": SCHEMA_VERSION, "kind": RECORD_KIND, "identity": identity(policy),
                "provenance": provenance(model=model_name, benchmark=bench.name, split=bench.split,
                                         source=getattr(bench, "source", ""), mode=mode, seed=int(seed),
@@ -633,27 +633,6 @@ def _device_label(model: Any) -> str:
     from mpsearch.artifacts import device_name
 
     return device_name(_model_device(model))
-
-
-def _drop_torn_tail(path: str | Path) -> None:
-    """Cut an unterminated last line (a record torn by a crash mid-write) before appending.
-
-    Without this the next record would be glued to the torn bytes and both would be lost.
-    """
-    import os
-
-    p = Path(path)
-    if not p.exists() or p.stat().st_size == 0:
-        return
-    with open(p, "rb+") as fh:
-        fh.seek(-1, os.SEEK_END)
-        if fh.read(1) == b"\n":
-            return
-        data = fh.seek(0) or fh.read()
-        cut = data.rfind(b"\n") + 1
-        fh.truncate(cut)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _reset_peak(model: Any) -> None:

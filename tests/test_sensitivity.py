@@ -603,8 +603,7 @@ def demo():
     import mpsearch as mps
     from mpsearch.tasks import synthetic
 
-    if not (Path(mps.__file__).parent / "demo" / "config.json").is_file():
-        pytest.skip("the demo model is not in this checkout yet (mpsearch/demo/config.json)")
+    assert (Path(mps.__file__).parent / "demo" / "config.json").is_file(), "the demo model must ship with the package"
     model, processor = mps.load_vlm("demo")
     layers = mps.discover_layers(model)
     # one block of the vision encoder and of the language model, the projector and the head

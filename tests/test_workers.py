@@ -88,6 +88,8 @@ def test_four_workers_journal(inputs, tmp_path):
 def test_four_workers_postgres(inputs):
     url = os.environ.get("MPSEARCH_TEST_POSTGRES_URL")
     if not url:
+        if os.environ.get("CI"):
+            pytest.fail("CI must start PostgreSQL and set MPSEARCH_TEST_POSTGRES_URL (see .ci/run)")
         pytest.skip("MPSEARCH_TEST_POSTGRES_URL is not set (CI sets it after starting PostgreSQL)")
     _run_workers(inputs, url, f"pg-workers-{uuid.uuid4().hex[:8]}", 40)
 
