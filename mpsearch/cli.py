@@ -43,16 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warnings() -> None:
-    """Our own warnings (a budget that constrains nothing, trust_remote_code) as ``warning: ...``."""
+    """Our own warnings (a budget that constrains nothing, trust_remote_code) as ``warning: ...``.
+
+    Installed once per process (main() may be called many times, e.g. from tests)."""
     import warnings
 
     default = warnings.formatwarning
+    if getattr(default, "_mpsearch", False):
+        return
 
     def fmt(message, category, filename, lineno, line=None):  # type: ignore[no-untyped-def]
         if category is UserWarning:
             return f"warning: {message}\n"
         return default(message, category, filename, lineno, line)
 
+    fmt._mpsearch = True  # type: ignore[attr-defined]
     warnings.formatwarning = fmt
 
 

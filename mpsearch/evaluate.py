@@ -456,6 +456,7 @@ def evaluate(
         [('fp32', 0.62, 0.0), ('pareto-1', 0.61, 0.03)]
     """
     from mpsearch.artifacts import SCHEMA_VERSION, append_jsonl, check_header, drop_torn_tail, provenance, read_jsonl
+    from mpsearch.latency.measure import current_device_name
     from mpsearch.tasks import mmmu
 
     if mode not in MODES:
@@ -594,7 +595,7 @@ def evaluate(
         rec = {"schema": SCHEMA_VERSION, "kind": RECORD_KIND, "identity": identity(policy),
                "provenance": provenance(model=model_name, benchmark=bench.name, split=bench.split,
                                         source=getattr(bench, "source", ""), mode=mode, seed=int(seed),
-                                        scoring=_SCORING, device=_device_label(model),
+                                        scoring=_SCORING, device=current_device_name(model),
                                         workload=workload.to_dict() if hasattr(workload, "to_dict") else None),
                "result": result.to_dict()}
         append_jsonl(results_path, rec)
@@ -627,12 +628,6 @@ def evaluate(
         k = ident_key(identity(p))
         out.append(fresh.get(k) or done[k])
     return out
-
-
-def _device_label(model: Any) -> str:
-    from mpsearch.artifacts import device_name
-
-    return device_name(_model_device(model))
 
 
 def _reset_peak(model: Any) -> None:

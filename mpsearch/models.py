@@ -162,14 +162,14 @@ def _linear_shape(module: nn.Module) -> tuple[int, int, bool]:
 def _iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(path, module)`` for every swappable linear layer, in module order."""
     skip: set[str] = set()
-    taken: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(t + ".") for t in taken):  # inside a layer already yielded (a swapped wrapper)
+    inside = "\0"  # prefix of the layer last yielded: named_modules() is pre-order, so its
+    for name, module in model.named_modules():  # descendants (a swapped wrapper's inner modules) follow it
+        if name.startswith(inside):
             continue
         if isinstance(module, _UNSWAPPABLE_PARENTS):
             skip.update(f"{name}.{child}" if name else child for child, _ in module.named_children())
         if name and name not in skip and _is_linear(module):
-            taken.append(name)
+            inside = name + "."
             yield name, module
 
 
