@@ -26,11 +26,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import optuna  # noqa: E402
 
-from mpsearch.search import search  # noqa: E402
-from mpsearch.search._ilp import problem_front, solve_problem  # noqa: E402
-from mpsearch.search._proxy import ProxyProblem  # noqa: E402
-from mpsearch.search._study import open_storage  # noqa: E402
-from mpsearch.search.synthetic import synthetic_instance  # noqa: E402
+from mpsearch.searching import search  # noqa: E402
+from mpsearch.searching._ilp import problem_front, solve_problem  # noqa: E402
+from mpsearch.searching._proxy import ProxyProblem  # noqa: E402
+from mpsearch.searching._study import open_storage  # noqa: E402
+from mpsearch.searching.synthetic import synthetic_instance  # noqa: E402
 
 
 def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
@@ -140,7 +140,7 @@ def refine_cost(args: argparse.Namespace) -> dict:
     refine stage's fidelity (Spearman proxy loss vs KL, predicted vs measured latency) and the
     share of trial time spent swapping modules."""
     import mpsearch as mps
-    from mpsearch.search._refine import refine
+    from mpsearch.searching._refine import refine
     from mpsearch.sensitivity.calib import calibration_batches
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

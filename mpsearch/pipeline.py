@@ -295,7 +295,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
     key = inputs_key({"sens": file_hash(sens_path), "lat": file_hash(lat_path), "budget_ms": budget_ms,
                       "budget_mb": budget_mb, "trials": cfg.search_trials, "sampler": cfg.sampler,
                       "seed": cfg.seed, "space": space.to_dict()})
-    from mpsearch.search import read_front, search, solve_ilp, write_front
+    from mpsearch.searching import read_front, search, solve_ilp, write_front
 
     if manifest.fresh("search", key, front_path):
         front = read_front(front_path)
@@ -316,7 +316,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
     key = inputs_key({"front": file_hash(front_path), "calib": calib_key, "trials": cfg.refine_trials,
                       "budget_ms": budget_ms, "budget_mb": budget_mb, "workload": workload.to_dict(),
                       "seed": cfg.seed})
-    from mpsearch.search import refine
+    from mpsearch.searching import refine
 
     if cfg.refine_trials == 0:
         refined = list(front)
@@ -337,7 +337,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
 
     # 5. evaluate: the refined front's best, the ILP policy, uniform baselines, full precision
     done = stage("evaluate")
-    from mpsearch.evaluate import evaluate
+    from mpsearch.evaluation import evaluate
 
     if not refined:
         log("[evaluate] refine found no policy whose measured cost meets the budget; evaluating the proxy front")

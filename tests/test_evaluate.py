@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mpsearch.errors import ArtifactError, MpsError  # noqa: E402
-from mpsearch.evaluate import _bootstrap_ci, evaluate, letter_token_ids, load_policies, read_results  # noqa: E402
+from mpsearch.evaluation import _bootstrap_ci, evaluate, letter_token_ids, load_policies, read_results  # noqa: E402
 from mpsearch.policy import Policy  # noqa: E402
 from mpsearch.tasks import load_benchmark  # noqa: E402
 from mpsearch.tasks.base import Benchmark  # noqa: E402
@@ -197,7 +197,7 @@ def test_uniform_policies_from_space(tiny, bench):
 
 # --------------------------------------------------------------------------- results file
 def test_results_file_resume_and_torn_tail(tiny, bench, tmp_path, monkeypatch):
-    import mpsearch.evaluate as E
+    import mpsearch.evaluation as E
 
     model, processor = tiny
     out = tmp_path / "r.jsonl"
@@ -232,7 +232,7 @@ def test_results_file_resume_and_torn_tail(tiny, bench, tmp_path, monkeypatch):
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time
-    import mpsearch.evaluate as E
+    import mpsearch.evaluation as E
     from mpsearch.models import load_vlm
     from mpsearch.policy import Policy
     from mpsearch.tasks import load_benchmark

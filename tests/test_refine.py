@@ -13,7 +13,7 @@ from mpsearch.errors import MpsError
 from mpsearch.formats import apply_policy, current_formats
 from mpsearch.latency import LatencyTable, Workload
 from mpsearch.policy import Policy
-from mpsearch.search import Candidate, read_front, solve_ilp, write_front
+from mpsearch.searching import Candidate, read_front, solve_ilp, write_front
 from mpsearch.sensitivity.kl import kl_to_reference, reference_logits
 from mpsearch.sensitivity.report import SensitivityReport
 from mpsearch.space import SearchSpace
@@ -55,7 +55,7 @@ def _front(layers, sens, lat):
 
 
 def test_refine_measures_kl_like_a_fresh_quantization(setup):
-    from mpsearch.search._refine import refine
+    from mpsearch.searching._refine import refine
 
     model, processor, layers, batches, sens, lat, pristine = setup
     front = _front(layers, sens, lat)
@@ -86,7 +86,7 @@ def test_refine_measures_kl_like_a_fresh_quantization(setup):
 
 def test_refine_never_requantizes_per_trial(setup, monkeypatch):
     import mpsearch.formats.apply as fa
-    from mpsearch.search._refine import refine
+    from mpsearch.searching._refine import refine
 
     model, processor, layers, batches, sens, lat, _ = setup
     calls = []
@@ -101,7 +101,7 @@ def test_refine_never_requantizes_per_trial(setup, monkeypatch):
 
 def test_failed_trials_are_recorded_and_the_study_goes_on(setup, monkeypatch):
     import mpsearch.sensitivity.kl as klmod
-    from mpsearch.search._refine import refine
+    from mpsearch.searching._refine import refine
 
     model, processor, layers, batches, sens, lat, _ = setup
     real = klmod.kl_to_reference
@@ -126,14 +126,14 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(setup, monkeypatch):
 
 
 def test_refine_resumes_without_rerunning(setup, tmp_path):
-    from mpsearch.search._refine import refine
+    from mpsearch.searching._refine import refine
 
     model, processor, layers, batches, sens, lat, _ = setup
     url = f"sqlite:///{tmp_path}/refine.db"
     kw = dict(batches=batches, workload=WORKLOAD, lat=lat, sens=sens, storage=url, study_name="rf", progress=False, sampler="evo")
     r1 = refine(model, processor, _front(layers, sens, lat), SPACE, n_trials=3, **kw)
     assert r1.meta["trials"]["this_worker"] == 3
-    from mpsearch.search import open_storage
+    from mpsearch.searching import open_storage
 
     first = {t.number: t.values for t in optuna.load_study(study_name="rf", storage=open_storage(url)).trials}
     r2 = refine(model, processor, _front(layers, sens, lat), SPACE, n_trials=5, **kw)
@@ -143,7 +143,7 @@ def test_refine_resumes_without_rerunning(setup, tmp_path):
 
 
 def test_refine_rejects_bad_input(setup):
-    from mpsearch.search._refine import refine
+    from mpsearch.searching._refine import refine
 
     model, processor, layers, batches, sens, lat, _ = setup
     alien = Candidate(Policy({"not.a.layer": "fp32"}, "fp32"), 0.0, None, None, "alien")
@@ -175,7 +175,7 @@ def test_cli_refine(setup, tmp_path, capsys):
 
 
 def test_refine_accepts_the_issue_argument_order(setup):
-    from mpsearch.search._refine import refine
+    from mpsearch.searching._refine import refine
 
     model, processor, layers, batches, sens, lat, _ = setup
     front = _front(layers, sens, lat)

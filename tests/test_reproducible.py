@@ -6,7 +6,7 @@ import pytest
 
 import mpsearch as mps
 from mpsearch.latency import LatencyTable
-from mpsearch.search import search, solve_ilp
+from mpsearch.searching import search, solve_ilp
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from mpsearch.errors import InfeasibleBudget, MpsError
 from mpsearch.formats import get_format
 from mpsearch.latency import LatencyTable
 from mpsearch.policy import Policy
-from mpsearch.search import (
+from mpsearch.searching import (
     BYTES_PER_MB,
     BudgetSampler,
     ProxyProblem,
@@ -26,8 +26,8 @@ from mpsearch.search import (
     summarize_formats,
     write_front,
 )
-from mpsearch.search._proxy import LayerInfo
-from mpsearch.search.synthetic import synthetic_instance
+from mpsearch.searching._proxy import LayerInfo
+from mpsearch.searching.synthetic import synthetic_instance
 from mpsearch.sensitivity.report import SensitivityReport
 from mpsearch.space import SearchSpace
 
@@ -257,7 +257,7 @@ def test_memory_budget_search_and_front_file(tmp_path):
 
 def test_pareto_helper():
     a = Policy({"l": "fp32"})
-    from mpsearch.search import Candidate
+    from mpsearch.searching import Candidate
 
     cs = [Candidate(a, 1.0, 5.0, None, "a"), Candidate(Policy({"l": "bf16"}), 2.0, 6.0, None, "b"),
           Candidate(Policy({"l": "fp16"}), 0.5, 9.0, None, "c")]
@@ -276,7 +276,7 @@ def test_same_study_name_resumes(tmp_path, kind):
     assert f2.meta["trials"]["this_worker"] == 0 and [c.key for c in f2] == [c.key for c in f1]
     f3 = search(inst.sens, inst.lat, inst.space, n_trials=25, **kw)  # topped up
     assert f3.meta["trials"] == {"total": 25, "complete": 25, "this_worker": 10}
-    from mpsearch.search import open_storage
+    from mpsearch.searching import open_storage
 
     study = optuna.load_study(study_name="r", storage=open_storage(url))
     assert sorted(t.number for t in study.trials) == list(range(25))

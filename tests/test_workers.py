@@ -18,10 +18,10 @@ from pathlib import Path
 import optuna
 import pytest
 
-from mpsearch.search import open_storage, read_front
-from mpsearch.search._proxy import ProxyProblem
-from mpsearch.search._study import OWNER_KEY, retried_numbers
-from mpsearch.search.synthetic import synthetic_instance
+from mpsearch.searching import open_storage, read_front
+from mpsearch.searching._proxy import ProxyProblem
+from mpsearch.searching._study import OWNER_KEY, retried_numbers
+from mpsearch.searching.synthetic import synthetic_instance
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROOT = Path(__file__).resolve().parents[1]

@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``mpsearch evaluate``: returns the exit code."""
-    from mpsearch.evaluate import evaluate, load_policies
+    from mpsearch.evaluation import evaluate, load_policies
     from mpsearch.tasks import BENCHMARKS, load_benchmark
 
     policies: list[Any] = []
@@ -111,7 +111,7 @@ def format_table(results: Sequence[Any]) -> str:
     """The report table of results (one row each).
 
     Example:
-        >>> from mpsearch.evaluate import Result
+        >>> from mpsearch.evaluation import Result
         >>> from mpsearch.policy import Policy
         >>> row = format_table([Result(Policy({}, "fp32", {"label": "fp32"}), 0.5, (0.25, 0.75), n=8,
         ...                            flips=0.0, kl=0.0, memory_bytes=2**20)]).splitlines()[1]
@@ -143,7 +143,7 @@ def run_report(args: argparse.Namespace) -> int:
     """``mpsearch report``: returns the exit code."""
     from pathlib import Path
 
-    from mpsearch.evaluate import read_results
+    from mpsearch.evaluation import read_results
 
     results = []
     for path in args.results:

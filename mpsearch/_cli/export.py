@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from mpsearch.artifacts import read_jsonl
     from mpsearch.errors import MpsError
-    from mpsearch.evaluate import read_results
+    from mpsearch.evaluation import read_results
     from mpsearch.models import discover_layers, load_vlm
     from mpsearch.pipeline import choose, export_result
 

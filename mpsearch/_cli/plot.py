@@ -33,14 +33,14 @@ def run(args: argparse.Namespace) -> int:
     if not (args.results or args.sens or args.policy):
         raise MpsError("nothing to plot: give RESULTS.jsonl, --sens REPORT.json and/or --policy MAP.yaml")
     if args.results:
-        from mpsearch.evaluate import read_results
+        from mpsearch.evaluation import read_results
 
         results = read_results(args.results)
         if not results:
             raise MpsError(f"{args.results}: no results to plot")
         front = None
         if args.front:
-            from mpsearch.search import read_front
+            from mpsearch.searching import read_front
 
             front = read_front(args.front)
         written += plots.pareto_front(results, out / "pareto", proxy_front=front, budget_ms=args.budget_ms,

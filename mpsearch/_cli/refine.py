@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from mpsearch._cli.common import load_model
     from mpsearch.errors import MpsError
     from mpsearch.latency import LatencyTable, Workload
-    from mpsearch.search import read_front, write_front
-    from mpsearch.search._refine import refine
+    from mpsearch.searching import read_front, write_front
+    from mpsearch.searching._refine import refine
     from mpsearch.sensitivity.report import SensitivityReport
     from mpsearch.space import SearchSpace
 

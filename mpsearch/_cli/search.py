@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     import optuna
 
     from mpsearch.errors import MpsError
-    from mpsearch.search import search, write_front
+    from mpsearch.searching import search, write_front
     from mpsearch.sensitivity.report import SensitivityReport
     from mpsearch.space import SearchSpace
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from mpsearch.errors import InfeasibleBudget, MpsError
 from mpsearch.policy import Policy
-from mpsearch.search._front import Candidate
-from mpsearch.search._proxy import ProxyProblem
+from mpsearch.searching._front import Candidate
+from mpsearch.searching._proxy import ProxyProblem
 
 #: Bytes in one MB of ``budget_mb`` (MiB: 2**20).
 BYTES_PER_MB = 2**20
@@ -55,7 +55,7 @@ def solve_ilp(
         >>> p.meta["metrics"]["predicted_latency_ms"] <= 40.0                  # doctest: +SKIP
         True
     """
-    from mpsearch.search._search import resolve_layers
+    from mpsearch.searching._search import resolve_layers
 
     prob = ProxyProblem.build(sens, lat, space, resolve_layers(layers, model, sens), model=model)
     idx = solve_problem(prob, budget_ms=budget_ms, budget_bytes=_mb_to_bytes(budget_mb))
@@ -83,7 +83,7 @@ def ilp_front(
         >>> pts = ilp_front(sens, lat, space, model=model, n_points=10)      # doctest: +SKIP
         >>> [round(c.predicted_latency_ms, 1) for c in pts]                   # doctest: +SKIP
     """
-    from mpsearch.search._search import resolve_layers
+    from mpsearch.searching._search import resolve_layers
 
     prob = ProxyProblem.build(sens, lat, space, resolve_layers(layers, model, sens), model=model)
     return problem_front(prob, metric=metric, n_points=n_points, budget_ms=budget_ms, budget_bytes=_mb_to_bytes(budget_mb))
@@ -164,7 +164,7 @@ def problem_front(
             if idx is not None:
                 points[tuple(idx)] = idx
     cands = [candidate_of(prob, idx, "ilp front") for idx in points.values()]
-    from mpsearch.search._front import pareto
+    from mpsearch.searching._front import pareto
 
     objs = ("proxy_loss", "predicted_latency_ms" if metric == "latency" else "memory_bytes")
     return sorted(pareto(cands, objs), key=lambda c: c.value(objs[1]))

@@ -9,7 +9,7 @@ The fidelity ladder's first two rungs (DESIGN.md):
 * :func:`refine`: an Optuna study on the real model (KL to the full-precision model and
   measured latency per trial), seeded with the proxy front.
 
-Studies live in any Optuna storage (see :mod:`mpsearch.search._study` for the URLs); the same
+Studies live in any Optuna storage (see :mod:`mpsearch.searching._study` for the URLs); the same
 study name resumes; several workers may share one study.
 
 Example:
@@ -19,12 +19,12 @@ Example:
 """
 from __future__ import annotations
 
-from mpsearch.search._front import Candidate, Front, pareto, read_front, write_front
-from mpsearch.search._ilp import BYTES_PER_MB, ilp_front, solve_ilp
-from mpsearch.search._proxy import LayerInfo, ProxyProblem, summarize_formats
-from mpsearch.search._sampler import BudgetSampler
-from mpsearch.search._search import SAMPLERS, search
-from mpsearch.search._study import TrialFailed, open_storage, redact
+from mpsearch.searching._front import Candidate, Front, pareto, read_front, write_front
+from mpsearch.searching._ilp import BYTES_PER_MB, ilp_front, solve_ilp
+from mpsearch.searching._proxy import LayerInfo, ProxyProblem, summarize_formats
+from mpsearch.searching._sampler import BudgetSampler
+from mpsearch.searching._search import SAMPLERS, search
+from mpsearch.searching._study import TrialFailed, open_storage, redact
 
 __all__ = [
     "BYTES_PER_MB",
@@ -50,7 +50,7 @@ __all__ = [
 
 def __getattr__(name: str):  # refine pulls in torch: import it on first use
     if name == "refine":
-        from mpsearch.search._refine import refine
+        from mpsearch.searching._refine import refine
 
         return refine
-    raise AttributeError(f"module 'mpsearch.search' has no attribute {name!r}")
+    raise AttributeError(f"module 'mpsearch.searching' has no attribute {name!r}")

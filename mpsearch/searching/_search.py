@@ -22,11 +22,11 @@ from typing import Any, Mapping, Sequence
 import optuna
 
 from mpsearch.errors import MpsError
-from mpsearch.search._front import Candidate, Front, pareto
-from mpsearch.search._ilp import BYTES_PER_MB, _check_budgets, _mb_to_bytes, candidate_of, problem_front, solve_problem
-from mpsearch.search._proxy import LayerInfo, ProxyProblem, layer_infos_from
-from mpsearch.search._sampler import BudgetSampler
-from mpsearch.search._study import (
+from mpsearch.searching._front import Candidate, Front, pareto
+from mpsearch.searching._ilp import BYTES_PER_MB, _check_budgets, _mb_to_bytes, candidate_of, problem_front, solve_problem
+from mpsearch.searching._proxy import LayerInfo, ProxyProblem, layer_infos_from
+from mpsearch.searching._sampler import BudgetSampler
+from mpsearch.searching._study import (
     TrialOutcome,
     fingerprint,
     open_storage,

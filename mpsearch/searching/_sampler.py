@@ -38,7 +38,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from mpsearch.search._proxy import ProxyProblem
+from mpsearch.searching._proxy import ProxyProblem
 
 
 class BudgetSampler(optuna.samplers.BaseSampler):

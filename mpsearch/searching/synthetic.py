@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mpsearch.search._proxy import LayerInfo
+from mpsearch.searching._proxy import LayerInfo
 
 #: (format, relative latency, relative error) of the default 4-format instance (GPU-like).
 DEFAULT_FORMATS: tuple[tuple[str, float, float], ...] = (

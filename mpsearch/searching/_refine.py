@@ -29,11 +29,11 @@ import optuna
 
 from mpsearch.errors import MpsError
 from mpsearch.policy import Policy
-from mpsearch.search._front import Candidate, Front, pareto, read_front
-from mpsearch.search._ilp import BYTES_PER_MB, _mb_to_bytes
-from mpsearch.search._proxy import ProxyProblem
-from mpsearch.search._search import load_inputs, make_sampler
-from mpsearch.search._study import (
+from mpsearch.searching._front import Candidate, Front, pareto, read_front
+from mpsearch.searching._ilp import BYTES_PER_MB, _mb_to_bytes
+from mpsearch.searching._proxy import ProxyProblem
+from mpsearch.searching._search import load_inputs, make_sampler
+from mpsearch.searching._study import (
     TrialFailed,
     TrialOutcome,
     fingerprint,
@@ -85,7 +85,7 @@ def refine(
         bench / batches / calib: calibration data: a benchmark (``n_samples`` rows drawn with
             ``seed`` are encoded) or ready batches (``calib`` takes either).
         workload: the :class:`mpsearch.Workload` timed per trial (default ``Workload()``).
-        storage, study_name, seed, sampler: as in :func:`mpsearch.search`.
+        storage, study_name, seed, sampler: as in :func:`mpsearch.searching`.
         lat, sens: the latency table and sensitivity report (predicted latency, proxy loss and
             the fidelity report; the ``evo`` sampler needs them for its moves).
         eager: quantize every (layer, format) before the study (else on first use, cached).
