@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from mpsearch.latency import (Workload, fit_correction, measure_latency_table, measure_policies,
                                   random_policies, uniform_policies)
     from mpsearch.latency.validate import loo_predictions
-    from mpsearch.latency.measure import current_device_name
+    from mpsearch.latency import current_device_name
     from mpsearch.models import discover_layers, load_vlm
 
     name = _model_name(args.model)

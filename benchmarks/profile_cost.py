@@ -2,6 +2,11 @@
 
     python benchmarks/profile_cost.py                 # 2x, 4x, 8x the blocks of tiny:llava, 16 probes
     python benchmarks/profile_cost.py --scales 2 4 8 --probes 16 --samples 8 --repeats 3 --threads 1
+    python benchmarks/profile_cost.py --smolvlm --probes 2 --samples 2 --batch-size 1 --repeats 1 --threads 1
+
+``--smolvlm`` times a SmolVLM-256M-sized model instead (:func:`build_smolvlm`: transformers'
+Idefics3 classes with SmolVLM-256M's sizes, 284 linear layers, random weights, 512x512 images
+of 64 tokens), where issue 14 measured 4.7x with 2 probes.
 
 For tiny:llava with its vision and language block counts multiplied by 2, 4 and 8 (same widths,
 same processor, random weights), prints
@@ -47,6 +52,53 @@ def build(scale: int):
     cfg.text_config.num_hidden_layers = base.config.text_config.num_hidden_layers * scale
     torch.manual_seed(0)
     model = type(base)(cfg).eval()
+    return model, processor
+
+
+#: SmolVLM-256M-Instruct's sizes (HuggingFaceTB/SmolVLM-256M-Instruct config.json): a SigLIP-style
+#: vision tower (12 blocks of width 768, 512x512 images in 16x16 patches), a pixel-shuffle
+#: connector (scale factor 4: 64 tokens per image) and a 30-block Llama of width 576.
+SMOLVLM_256M = {
+    "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   image_size=512, patch_size=16),
+    "text": dict(vocab_size=49280, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+                 tie_word_embeddings=False),
+    "scale_factor": 4,
+}
+
+
+def build_smolvlm(seed: int = 0):
+    """A SmolVLM-256M-sized Idefics3 model (random weights) and a processor for it.
+
+    The processor is tiny:idefics3's character-level tokenizer with an image processor for
+    512x512 images (no splitting: one 64-token image per prompt).
+
+    Example:
+        >>> model, processor = build_smolvlm()                               # doctest: +SKIP
+        >>> len(mps.discover_layers(model))                                   # doctest: +SKIP
+        284
+    """
+    import transformers as T
+
+    import mpsearch as mps
+
+    _, tiny = mps.load_vlm("tiny:idefics3")
+    tok = tiny.tokenizer
+    sz = SMOLVLM_256M
+    side = sz["vision"]["image_size"]
+    seq = (side // sz["vision"]["patch_size"]) ** 2 // sz["scale_factor"] ** 2
+    image_processor = T.Idefics3ImageProcessorPil(size={"longest_edge": side}, max_image_size={"longest_edge": side},
+                                                  do_image_splitting=False)
+    processor = T.Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=seq,
+                                    chat_template=tiny.chat_template)
+    text = T.LlamaConfig(**sz["text"], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    cfg = T.Idefics3Config(vision_config=dict(sz["vision"]), text_config=text, image_token_id=tok.image_token_id,
+                           scale_factor=sz["scale_factor"], tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T.Idefics3ForConditionalGeneration(cfg).eval()
     return model, processor
 
 
@@ -112,6 +164,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--space", default="cpu")
+    ap.add_argument("--smolvlm", action="store_true", help="time a SmolVLM-256M-sized model (284 linears) instead")
+    ap.add_argument("--methods", nargs="+", default=["auto", "hvp"], choices=["auto", "hvp"],
+                    help="Hessian-vector products to time (default both)")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the 1-probe warm-up profiles (large models)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = synthetic.generate("dev", args.samples, seed=0)
@@ -121,27 +177,31 @@ def main() -> None:
           f"medians of {args.repeats}")
     print(f"{'scale':>5} {'linears':>7} {'fwd+bwd ms':>10} | {'auto (fd): ratio':>16} {'probes only':>11} | "
           f"{'hvp: ratio':>10} {'probes only':>11} | {'score s':>7}")
-    for scale in args.scales:
-        model, processor = build(scale)
+    for scale in ([0] if args.smolvlm else args.scales):
+        model, processor = build_smolvlm() if args.smolvlm else build(scale)
         layers = mps.discover_layers(model)
         batches = calibration_batches(model, processor, rows, n_samples=args.samples, batch_size=args.batch_size)
         time_forward_backward(model, batches)  # warm-up: lazy imports, allocator, first quantizations
-        time_profile(model, processor, layers, space, batches, 1, "auto")
-        time_profile(model, processor, layers, space, batches, 1, "hvp")
+        for m in ([] if args.no_warmup else args.methods):
+            time_profile(model, processor, layers, space, batches, 1, m)
+        nan = [float("nan")]
         fb, auto, auto_p, hvp, hvp_p, score = [], [], [], [], [], []
         for _ in range(args.repeats):
             fb.append(time_forward_backward(model, batches))
-            w, p = time_profile(model, processor, layers, space, batches, args.probes, "auto")
-            auto.append(w)
-            auto_p.append(p)
-            w, p = time_profile(model, processor, layers, space, batches, args.probes, "hvp")
-            hvp.append(w)
-            hvp_p.append(p)
+            if "auto" in args.methods:
+                w, p = time_profile(model, processor, layers, space, batches, args.probes, "auto")
+                auto.append(w)
+                auto_p.append(p)
+            if "hvp" in args.methods:
+                w, p = time_profile(model, processor, layers, space, batches, args.probes, "hvp")
+                hvp.append(w)
+                hvp_p.append(p)
             score.append(time_scoring(model, layers, space))
             fb.append(time_forward_backward(model, batches))
-        f, a, ap_, h, hp, sc = (statistics.median(x) for x in (fb, auto, auto_p, hvp, hvp_p, score))
+        f, a, ap_, h, hp, sc = (statistics.median(x or nan) for x in (fb, auto, auto_p, hvp, hvp_p, score))
         unit = args.probes * f
-        print(f"{scale:>4}x {len(layers):>7} {f * 1e3:>10.1f} | {a / unit:>16.2f} {ap_ / unit:>11.2f} | "
+        tag = "smol" if args.smolvlm else f"{scale}x"
+        print(f"{tag:>5} {len(layers):>7} {f * 1e3:>10.1f} | {a / unit:>16.2f} {ap_ / unit:>11.2f} | "
               f"{h / unit:>10.2f} {hp / unit:>11.2f} | {sc:>7.2f}", flush=True)
 
 

@@ -43,6 +43,8 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "mpsearch.evaluation",
     "Result": "mpsearch.evaluation",
     "load_quantized": "mpsearch.pipeline",
+    "export_checkpoint": "mpsearch.export",
+    "exportable_formats": "mpsearch.export",
     "MpsError": "mpsearch.errors",
 }
 _SUBMODULES = {"mmmu": "mpsearch.tasks.mmmu", "sensitivity": "mpsearch.sensitivity", "plots": "mpsearch.plots"}

@@ -18,7 +18,10 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"{p}: no such file")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{p}: not valid YAML (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)

@@ -182,7 +182,10 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.exists():
         return []
-    lines = p.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = p.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{p}: not a JSONL file (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
     out: list[dict[str, Any]] = []
     for i, line in enumerate(lines):
         if not line.strip():

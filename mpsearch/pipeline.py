@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from mpsearch._yaml import load_yaml, where
-from mpsearch.artifacts import atomic_write_json, atomic_write_text, provenance, read_json
-from mpsearch.errors import ArtifactError, MpsError
+from mpsearch._yaml import load_yaml
+from mpsearch.artifacts import atomic_write_json, atomic_write_text, provenance
+from mpsearch.errors import MpsError
+from mpsearch.schemas import RUN_SCHEMA  # the run config's schema: mpsearch.schemas.RunConfigFile
 
-RUN_SCHEMA = 1
 MANIFEST = "stages.json"
 
 
@@ -36,10 +36,11 @@ class RunConfig:
     """What ``mpsearch run`` does; every field can be set in the run YAML (``mpsearch_run: 1``).
 
     Budgets: a number, ``"auto"`` or None (no budget of that kind; at least one is needed).
-    ``budget_ms: auto`` is halfway between the fastest and the slowest uniform policy (predicted
-    by the latency table); ``budget_mb: auto`` is halfway between the smallest uniform policy's
-    weights and the full-precision model's. On a CPU the full-precision model is often the
-    fastest, so a latency budget alone leaves nothing to trade; the demo sets both. ``benchmark``/``split`` are what results are reported on; calibration data
+    ``budget_mb: auto`` is the weight memory of uniform 4-bit (the smallest uniform policy of a
+    format with >= 4 bits per weight); ``budget_ms: auto`` is the predicted latency of the fastest
+    uniform int8-or-wider policy (see :func:`resolve_budgets`). The demo sets a memory budget
+    only: on a CPU the fast formats (int8 dynamic, bf16) are few, and what a mixed policy wins
+    there is size at the accuracy of a bigger model. ``benchmark``/``split`` are what results are reported on; calibration data
     for profiling and refinement come from ``calib_split`` of the same benchmark (disjoint from
     the evaluation split). See ``examples/`` for a real-model config.
 
@@ -80,58 +81,24 @@ class RunConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
         """Read a run config strictly: unknown keys and wrong types name the field and line."""
+        from mpsearch.schemas import RunConfigFile, validate
+
         data, lines = load_yaml(path)
-        if not isinstance(data, dict):
-            raise ArtifactError(f"{path}: a run config is a YAML mapping (see examples/)")
-        version = data.pop("mpsearch_run", None)
-        if version != RUN_SCHEMA:
-            raise ArtifactError(f"{where(path, lines, ('mpsearch_run',))}: field 'mpsearch_run' (schema version) is "
-                                f"{version!r}; this mpsearch reads version {RUN_SCHEMA}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            if key not in fields:
-                raise ArtifactError(f"{where(path, lines, (key,))}: unknown field {key!r}; valid: {', '.join(fields)}")
-            default = fields[key].default if fields[key].default is not dataclasses.MISSING else fields[key].default_factory()
-            if key in ("budget_ms", "budget_mb"):
-                if not (value is None or value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool))):
-                    raise ArtifactError(f"{where(path, lines, (key,))}: field {key!r} must be a number, 'auto' or null, "
-                                        f"got {value!r}")
-            elif value is not None and default is not None and not _same_kind(value, default):
-                raise ArtifactError(f"{where(path, lines, (key,))}: field {key!r} must be {type(default).__name__}, "
-                                    f"got {value!r}")
-            kwargs[key] = value
-        cfg = cls(**kwargs)
+        validate(RunConfigFile, data, path, lines)
+        cfg = cls(**{k: v for k, v in data.items() if k != "mpsearch_run"})
         cfg.validate(str(path))
         return cfg
 
     def validate(self, where_: str = "run config") -> None:
-        """Check values that would otherwise fail deep inside a stage."""
-        if self.mode not in ("logits", "generate"):
-            raise MpsError(f"{where_}: field 'mode' is {self.mode!r}; valid: logits, generate")
-        if self.method not in ("hessian", "fisher", "activation", "kl"):
-            raise MpsError(f"{where_}: field 'method' is {self.method!r}; valid: hessian, fisher, activation, kl")
-        for name in ("budget_ms", "budget_mb"):
-            v = getattr(self, name)
-            if v is not None and v != "auto" and not (isinstance(v, (int, float)) and v > 0):
-                raise MpsError(f"{where_}: field {name!r} must be a positive number, 'auto' or null, got {v!r}")
-        if self.budget_ms is None and self.budget_mb is None:
-            raise MpsError(f"{where_}: set at least one of 'budget_ms' and 'budget_mb' (a number or 'auto')")
-        for name in ("calib_samples", "search_trials", "refine_trials", "top_k", "batch_size"):
-            if getattr(self, name) < 0:
-                raise MpsError(f"{where_}: field {name!r} must be >= 0")
+        """Check every field against :class:`mpsearch.schemas.RunConfigSchema` (types, ranges, names,
+        the workload), so that a bad value fails before any stage runs."""
+        from mpsearch.schemas import RunConfigSchema, validate
+
+        validate(RunConfigSchema, dataclasses.asdict(self), where_)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (goes into provenance)."""
         return dataclasses.asdict(self)
-
-
-def _same_kind(value: Any, default: Any) -> bool:
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, (int, float)):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, type(default))
 
 
 # -- stage bookkeeping ------------------------------------------------------------------
@@ -153,7 +120,9 @@ class Manifest:
         self.path = out / MANIFEST
         self.stages: dict[str, dict[str, str]] = {}
         if self.path.exists():
-            self.stages = read_json(self.path, kind="run-stages").get("stages", {})
+            from mpsearch.schemas import StagesFile, read_json_artifact
+
+            self.stages = dict(read_json_artifact(self.path, StagesFile)[0].get("stages") or {})
 
     def fresh(self, stage: str, key: str, artifact: Path) -> bool:
         """True when ``artifact`` was written by ``stage`` from inputs ``key`` and is unchanged."""
@@ -178,10 +147,11 @@ class RunSummary:
     plots: list[Path]
     seconds: dict[str, float]
     chosen: Any = None
+    notes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
-        """The final summary table (one row per evaluated policy)."""
-        from mpsearch._cli.evaluate import format_table as results_table
+        """The final summary table (one row per evaluated policy), the export's verdict, stage times."""
+        from mpsearch.evaluation.report import format_table as results_table
 
         head = [f"output folder: {self.out}"]
         if self.budget_ms is not None:
@@ -192,6 +162,7 @@ class RunSummary:
         tail = []
         if self.chosen is not None:
             tail.append(f"exported: {self.exported}  ({self.chosen.label})")
+        tail += self.notes
         tail.append("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
         return "\n".join(head + [body] + tail)
 
@@ -286,11 +257,11 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
     done = stage("search")
     budget_ms, budget_mb = resolve_budgets(cfg.budget_ms, cfg.budget_mb, lat, space, layers, model)
     if budget_ms is not None:
-        log(f"[search] latency budget {budget_ms:.3f} ms" + (" (auto: halfway between the fastest and the slowest "
-                                                             "uniform policy, predicted)" if cfg.budget_ms == "auto" else ""))
+        log(f"[search] latency budget {budget_ms:.3f} ms" + (" (auto: the fastest uniform >= 8-bit policy, "
+                                                             "predicted)" if cfg.budget_ms == "auto" else ""))
     if budget_mb is not None:
-        log(f"[search] memory budget {budget_mb:.3f} MiB" + (" (auto: halfway between the smallest uniform policy "
-                                                              "and full precision)" if cfg.budget_mb == "auto" else ""))
+        log(f"[search] memory budget {budget_mb:.3f} MiB" + (" (auto: uniform 4-bit's weight memory)"
+                                                              if cfg.budget_mb == "auto" else ""))
     front_path = out / "front.json"
     key = inputs_key({"sens": file_hash(sens_path), "lat": file_hash(lat_path), "budget_ms": budget_ms,
                       "budget_mb": budget_mb, "trials": cfg.search_trials, "sampler": cfg.sampler,
@@ -374,7 +345,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
                             budget_ms=budget_ms, budget_mb=budget_mb,
                             title=f"{cfg.model} on {cfg.benchmark}/{cfg.split}, space {space.name}")
     done()
-    summary = RunSummary(out, budget_ms, budget_mb, results, exported, paths, seconds, chosen)
+    notes = verdict(results, chosen, "measured" if selection == "measured latency" else "predicted")
+    summary = RunSummary(out, budget_ms, budget_mb, results, exported, paths, seconds, chosen, notes)
     atomic_write_text(out / "summary.txt", summary.table() + "\n")
     return summary
 
@@ -384,30 +356,46 @@ def resolve_budgets(budget_ms: Any, budget_mb: Any, lat: Any, space: Any, layers
     """Numbers for the ``"auto"`` budgets (see :class:`RunConfig`).
 
     Uniform policies put every layer in one format where its group allows it (else the group's
-    first candidate). ``auto`` latency: halfway between the fastest and the slowest uniform
-    policy as the latency table predicts them; ``auto`` memory: halfway between the smallest
-    uniform policy's exact weight bytes and the full-precision model's.
+    first candidate). The auto budgets sit where mixed precision has something to win:
+
+    * ``auto`` memory: the exact weight bytes of the smallest uniform policy whose format keeps
+      at least 4 nominal bits per weight ("uniform 4-bit"): a mixed policy at that size can put
+      the sensitive layers in 8 bits and pay with 2-3 bits where the model does not care. A space
+      without a >= 4-bit quantized format: halfway between its smallest uniform policy and full
+      precision.
+    * ``auto`` latency: the predicted latency of the fastest uniform policy whose format keeps at
+      least 8 bits per weight (int8 is the precision known to keep accuracy): a mixed policy at
+      that latency may use faster low-bit kernels where they are faster and cost nothing.
 
     Example:
         >>> resolve_budgets(40.0, None, lat, space, layers, model)   # doctest: +SKIP
         (40.0, None)
     """
-    from mpsearch.formats import policy_memory_bytes
+    from mpsearch.formats import get_format, policy_memory_bytes
+    from mpsearch.formats.base import dtype_format
     from mpsearch.latency.validate import uniform_policies
     from mpsearch.policy import Policy
 
     uniform = uniform_policies(space, layers)
+    full_fmt = dtype_format(next(model.parameters()).dtype)
+    full_bits = get_format(full_fmt).bits
+
+    def bits(p: Any) -> float:
+        return float(get_format(p.meta["uniform"]).bits) if "uniform" in p.meta else float(full_bits)
+
     ms = float(budget_ms) if budget_ms not in (None, "auto") else None
     mb = float(budget_mb) if budget_mb not in (None, "auto") else None
     if budget_ms == "auto":
-        preds = [lat.predict(p) for p in uniform]
-        ms = min(preds) + 0.5 * (max(preds) - min(preds))
+        int8 = [p for p in uniform if bits(p) >= 8] or uniform
+        ms = min(lat.predict(p) for p in int8)
     if budget_mb == "auto":
-        sizes = [policy_memory_bytes(model, p) / 2**20 for p in uniform]
-        from mpsearch.formats.base import dtype_format
-
-        full = policy_memory_bytes(model, Policy({}, default=dtype_format(next(model.parameters()).dtype))) / 2**20
-        mb = min(sizes) + 0.5 * (full - min(sizes))
+        four = [p for p in uniform if 4 <= bits(p) < full_bits]
+        if four:
+            mb = min(policy_memory_bytes(model, p) for p in four) / 2**20
+        else:
+            sizes = [policy_memory_bytes(model, p) / 2**20 for p in uniform]
+            full = policy_memory_bytes(model, Policy({}, default=full_fmt)) / 2**20
+            mb = min(sizes) + 0.5 * (full - min(sizes))
     return ms, mb
 
 
@@ -431,12 +419,15 @@ def pick_for_evaluation(front: Sequence[Any], top_k: int) -> list[Any]:
 
 
 def choose(results: Sequence[Any], budget_ms: float | None = None, budget_mb: float | None = None,
-           max_accuracy_drop: float | None = None, latency: str = "measured") -> Any:
-    """Pick a result within the budgets: the lowest KL among those whose accuracy cannot be
-    told apart from the best (its 95% interval reaches the best accuracy); ties: fastest.
+           max_accuracy_drop: float | None = None, latency: str = "measured", tie_points: float = 0.5) -> Any:
+    """Pick the result to export within the budgets: never one another result beats.
 
-    Accuracy differences of a question or two are noise; KL to the full-precision model is the
-    finer measure of how much a policy changed the model (docs/benchmarks.md).
+    1. Among the results that meet the budgets, the most accurate one, ``best``.
+    2. Among those whose accuracy and ``best``'s lie within each other's 95 % interval (they
+       cannot be told apart), the fastest, then the smallest.
+    3. Never dominated: while another result meets the budgets, is as accurate within
+       ``tie_points`` percentage points, no bigger and faster, take it instead. So no evaluated
+       baseline that matches the export's accuracy is faster and no bigger.
 
     ``latency="measured"`` compares the budget with the end-to-end latency measured during
     evaluation, ``"predicted"`` with the latency table's prediction. With
@@ -445,29 +436,68 @@ def choose(results: Sequence[Any], budget_ms: float | None = None, budget_mb: fl
     nothing qualifies, naming the fastest result.
 
     Example:
-        >>> best = choose(results, budget_ms=3.0)          # doctest: +SKIP
+        >>> best = choose(results, budget_mb=3.0)          # doctest: +SKIP
     """
     if not results:
         raise MpsError("no results to choose from")
     field_ = "latency_ms" if latency == "measured" else "predicted_latency_ms"
     lat = lambda r: getattr(r, field_) if getattr(r, field_) is not None else float("inf")  # noqa: E731
+    mem = lambda r: r.memory_bytes if r.memory_bytes is not None else float("inf")  # noqa: E731
     pool = list(results)
     if budget_ms is not None:
         pool = [r for r in pool if lat(r) <= budget_ms]
     if budget_mb is not None:
-        pool = [r for r in pool if r.memory_bytes is not None and r.memory_bytes <= budget_mb * 2**20]
+        pool = [r for r in pool if mem(r) <= budget_mb * 2**20]
     if max_accuracy_drop is not None:
         ref = results[0].accuracy
         pool = [r for r in pool if r.accuracy >= ref - max_accuracy_drop - 1e-12]
         if pool:
-            return min(pool, key=lat)
+            return min(pool, key=lambda r: (lat(r), mem(r)))
     if not pool:
         fastest = min(results, key=lat)
         raise MpsError(f"no evaluated policy meets the constraint ({latency} latency); the fastest is "
                        f"{fastest.label!r} at {lat(fastest):.3f} ms, {(fastest.memory_bytes or 0) / 2**20:.3f} MiB")
-    best = max(r.accuracy for r in pool)
-    close = [r for r in pool if _ci_high(r) >= best - 1e-12]
-    return min(close, key=lambda r: (max(r.kl or 0.0, 0.0), -r.accuracy, lat(r)))
+    best = max(pool, key=lambda r: (r.accuracy, -lat(r), -mem(r)))
+    close = [r for r in pool if _ci_high(r) >= best.accuracy - 1e-12 and r.accuracy >= _ci_low(best) - 1e-12]
+    chosen = min(close, key=lambda r: (lat(r), mem(r), -r.accuracy))
+    while True:
+        better = [r for r in pool if r.accuracy >= chosen.accuracy - tie_points / 100 - 1e-12
+                  and mem(r) <= mem(chosen) and lat(r) < lat(chosen)]
+        if not better:
+            return chosen
+        chosen = min(better, key=lambda r: (lat(r), mem(r), -r.accuracy))
+
+
+def _ci_low(result: Any) -> float:
+    ci = getattr(result, "accuracy_ci", None)
+    return float(ci[0]) if ci else float(result.accuracy)
+
+
+def verdict(results: Sequence[Any], chosen: Any, latency: str = "measured") -> list[str]:
+    """Plain sentences on the export: is it uniform, and how it compares with the uniform baselines.
+
+    Example:
+        >>> verdict(results, chosen)[0]      # doctest: +SKIP
+        'exported pareto-1: 96.0% (perception 97.1%, reasoning 94.6%), 31.2 ms, 0.98 MiB'
+    """
+    field_ = "latency_ms" if latency == "measured" else "predicted_latency_ms"
+    lat = lambda r: getattr(r, field_) if getattr(r, field_) is not None else float("inf")  # noqa: E731
+    skills = ", ".join(f"{k} {100 * v:.1f}%" for k, v in sorted((chosen.per_skill or {}).items()))
+    lines = [f"exported {chosen.label}: {100 * chosen.accuracy:.1f}%" + (f" ({skills})" if skills else "")
+             + f", {lat(chosen):.2f} ms, {(chosen.memory_bytes or 0) / 2**20:.3f} MiB"]
+    uniform = chosen.baseline or bool(chosen.policy.meta.get("uniform"))
+    searched = [r for r in results if not r.baseline and not r.policy.meta.get("uniform")]
+    if uniform:
+        lines.append(f"{chosen.label} is a uniform policy: it is as accurate as and faster than every searched "
+                     f"policy under this budget ({len(searched)} searched policies evaluated), so it is what was exported")
+        return lines
+    for r in results:
+        if not (r.baseline or r.policy.meta.get("uniform")) or r is chosen:
+            continue
+        if (r.memory_bytes or 0) <= (chosen.memory_bytes or 0) and lat(r) <= 1.1 * lat(chosen):
+            lines.append(f"  vs {r.label} (no bigger, at most 10% slower): "
+                         f"{100 * (chosen.accuracy - r.accuracy):+.1f} points")
+    return lines
 
 
 def _ci_high(result: Any) -> float:

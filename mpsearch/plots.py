@@ -134,12 +134,15 @@ _STYLE = {
 
 
 def _pareto_xy(points: Sequence[tuple[float, float]], maximize_y: bool = True) -> list[tuple[float, float]]:
-    """The non-dominated points (lower x, higher y when ``maximize_y``), sorted by x."""
-    best: list[tuple[float, float]] = []
-    for x, y in sorted(points, key=lambda p: (p[0], -p[1] if maximize_y else p[1])):
-        if not best or (y > best[-1][1] if maximize_y else y < best[-1][1]):
-            best.append((x, y))
-    return best
+    """The non-dominated points (lower x, higher y when ``maximize_y``), sorted by x, each once.
+
+    Uses :func:`mpsearch.searching._front.pareto_indices`, the one Pareto filter.
+    """
+    from mpsearch.searching._front import pareto_indices
+
+    sign = -1.0 if maximize_y else 1.0
+    keep = pareto_indices([(x, sign * y) for x, y in points])
+    return sorted({(float(points[i][0]), float(points[i][1])) for i in keep}, key=lambda p: (p[0], sign * p[1]))
 
 
 def _scatter_results(ax: Any, results: Sequence[Any], x_of: Any, y_of: Any, err_of: Any = None,

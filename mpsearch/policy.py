@@ -21,16 +21,14 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from mpsearch._yaml import load_yaml, where
+from mpsearch._yaml import load_yaml
 from mpsearch.artifacts import atomic_write_text, provenance as _provenance
-from mpsearch.errors import ArtifactError, MpsError
+from mpsearch.errors import MpsError
+from mpsearch.schemas import PRECISION_MAP_SCHEMA  # the map's schema: mpsearch.schemas.PrecisionMapFile
 
-PRECISION_MAP_SCHEMA = 1
 #: Header fields a precision map may carry besides ``default``, ``layers`` and ``rules``; they
 #: live in ``Policy.meta`` once loaded.
 HEADER_FIELDS = ("model", "revision", "device", "workload", "metrics", "provenance")
-_ALLOWED_KEYS = ("mpsearch", "default", "layers", "rules") + HEADER_FIELDS
-_RULE_KEYS = ("match", "format")
 
 
 def _known_format(name: str) -> bool:
@@ -174,56 +172,18 @@ class Policy:
             >>> Policy.from_yaml("/tmp/p.yaml").format_for("lm_head")
             'bf16'
         """
+        from mpsearch.schemas import PrecisionMapFile, validate
+
         data, lines = load_yaml(path)
-        if not isinstance(data, dict):
-            raise ArtifactError(f"{path}: a precision map is a YAML mapping with 'mpsearch', 'default' and 'layers'")
-        for key in data:
-            if key not in _ALLOWED_KEYS:
-                raise ArtifactError(
-                    f"{where(path, lines, (key,))}: unknown field {key!r}; valid fields: {', '.join(_ALLOWED_KEYS)}"
-                )
-        version = data.get("mpsearch")
-        if version != PRECISION_MAP_SCHEMA:
-            raise ArtifactError(
-                f"{where(path, lines, ('mpsearch',))}: field 'mpsearch' (schema version) is {version!r}; "
-                f"this mpsearch reads version {PRECISION_MAP_SCHEMA}"
-            )
-        default = data.get("default", "bf16")
-        _check_format(default, path, lines, ("default",))
+        doc = validate(PrecisionMapFile, data, path, lines)
         layers = data.get("layers") or {}
-        if not isinstance(layers, dict):
-            raise ArtifactError(f"{where(path, lines, ('layers',))}: field 'layers' must map module paths to formats")
-        for name, fmt in layers.items():
-            if not isinstance(name, str) or not name:
-                raise ArtifactError(f"{where(path, lines, ('layers', name))}: layer names must be module paths (strings)")
-            _check_format(fmt, path, lines, ("layers", name))
-        rules_raw = data.get("rules") or []
-        if not isinstance(rules_raw, list):
-            raise ArtifactError(f"{where(path, lines, ('rules',))}: field 'rules' must be a list of {{match, format}}")
-        rules: list[tuple[str, str]] = []
-        for i, rule in enumerate(rules_raw):
-            if not isinstance(rule, dict) or set(rule) != set(_RULE_KEYS):
-                raise ArtifactError(
-                    f"{where(path, lines, ('rules', i))}: rules[{i}] must have exactly the fields 'match' and 'format'"
-                )
-            if not isinstance(rule["match"], str) or not rule["match"]:
-                raise ArtifactError(f"{where(path, lines, ('rules', i, 'match'))}: rules[{i}].match must be a glob string")
-            _check_format(rule["format"], path, lines, ("rules", i, "format"))
-            rules.append((rule["match"], rule["format"]))
-        for key, typ in (("workload", dict), ("metrics", dict), ("provenance", dict)):
-            if data.get(key) is not None and not isinstance(data[key], typ):
-                raise ArtifactError(f"{where(path, lines, (key,))}: field {key!r} must be a mapping")
+        rules = [(r.match, r.format) for r in doc.rules or []]
+        default = doc.default
         meta = {k: data[k] for k in HEADER_FIELDS if data.get(k) is not None}
         label = (data.get("provenance") or {}).get("label")
         if label:
             meta["label"] = label
         return cls({str(k): str(v) for k, v in layers.items()}, str(default), meta, rules)
-
-
-def _check_format(fmt: Any, path: Any, lines: dict, key: tuple[Any, ...]) -> None:
-    field_name = ".".join(str(k) for k in key)
-    if not isinstance(fmt, str) or not _known_format(fmt):
-        raise ArtifactError(f"{where(path, lines, key)}: field {field_name!r}: unknown format {fmt!r}; valid: {_valid_formats()}")
 
 
 def _unknown_layers_message(unknown: list[str], names: list[str]) -> str:

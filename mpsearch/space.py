@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from mpsearch._yaml import load_yaml, where
+from mpsearch._yaml import load_yaml
 from mpsearch.errors import ArtifactError, MpsError
 
 GROUPS = ("vision", "projector", "language", "head")
 SPACES_DIR = Path(__file__).parent / "search_spaces"
-_KEYS = ("name", "description", "device", "groups", "pin", "tie")
 
 
 @dataclass(frozen=True)
@@ -62,21 +61,10 @@ class SearchSpace:
     description: str = ""
 
     def __post_init__(self) -> None:
-        from mpsearch.formats import FORMATS
+        from mpsearch.schemas import SearchSpaceSpec, validate_object
 
-        for group, fmts in self.groups.items():
-            if group not in GROUPS:
-                raise MpsError(f"search space {self.name!r}: unknown group {group!r}; valid: {', '.join(GROUPS)}")
-            if not fmts:
-                raise MpsError(f"search space {self.name!r}: group {group!r} has no formats")
-            for f in fmts:
-                if f not in FORMATS:
-                    raise MpsError(f"search space {self.name!r}: group {group!r}: unknown format {f!r}; valid: {', '.join(FORMATS)}")
-        for pattern, f in self.pin.items():
-            if f not in FORMATS:
-                raise MpsError(f"search space {self.name!r}: pin {pattern!r}: unknown format {f!r}; valid: {', '.join(FORMATS)}")
-        if isinstance(self.tie, str) and self.tie != "auto":
-            raise MpsError(f"search space {self.name!r}: tie must be a list of leaf-name lists or 'auto'")
+        validate_object(SearchSpaceSpec, {"groups": self.groups, "pin": self.pin, "tie": self.tie},
+                        f"search space {self.name!r}")
         if self.device is not None:
             self.check_device(self.device)
 
@@ -96,24 +84,13 @@ class SearchSpace:
             else:
                 names = ", ".join(shipped_spaces())
                 raise MpsError(f"search space {str(path_or_name)!r}: no such file, and not a shipped space ({names})")
+        from mpsearch.schemas import SearchSpaceFile, validate
+
         data, lines = load_yaml(path)
-        if not isinstance(data, dict):
-            raise ArtifactError(f"{path}: a search space is a mapping with 'name' and 'groups'")
-        for key in data:
-            if key not in _KEYS:
-                raise ArtifactError(f"{where(path, lines, (key,))}: unknown field {key!r}; valid: {', '.join(_KEYS)}")
-        groups = data.get("groups")
-        if not isinstance(groups, dict) or not groups:
-            raise ArtifactError(f"{where(path, lines, ('groups',))}: field 'groups' must map groups ({', '.join(GROUPS)}) to format lists")
-        for g, fmts in groups.items():
-            if not isinstance(fmts, list) or not all(isinstance(f, str) for f in fmts):
-                raise ArtifactError(f"{where(path, lines, ('groups', g))}: groups.{g} must be a list of format names")
+        validate(SearchSpaceFile, data, path, lines)
+        groups = data["groups"]
         pin = data.get("pin") or {}
-        if not isinstance(pin, dict):
-            raise ArtifactError(f"{where(path, lines, ('pin',))}: field 'pin' must map globs to formats")
         tie = data.get("tie") or []
-        if not (tie == "auto" or (isinstance(tie, list) and all(isinstance(t, list) for t in tie))):
-            raise ArtifactError(f"{where(path, lines, ('tie',))}: field 'tie' must be a list of lists of leaf names, or 'auto'")
         try:
             return cls(
                 name=str(data.get("name") or path.stem),
@@ -202,6 +179,74 @@ class SearchSpace:
                 f"{len(layers)} layers is pinned or has a single candidate; add formats to 'groups' or remove pins"
             )
         return free
+
+    # -- policies -----------------------------------------------------------------------
+    @property
+    def default_format(self) -> str:
+        """The ``default`` of every policy made from this space (its first format).
+
+        Every layer is listed explicitly too; one default for all of them gives one
+        ``Policy.key()`` per assignment, whoever made the policy (uniform, sampled, searched).
+        """
+        fmts = self.formats()
+        return fmts[0] if fmts else "bf16"
+
+    def uniform_policies(self, layers: Sequence[Any]) -> list[Any]:
+        """One policy per format of the space: that format wherever a decision may take it.
+
+        Decisions (tie groups, pinned layers) that cannot take the format keep their first
+        choice; formats no layer may take and policies equal to an earlier one are left out.
+        Each lists every layer, has ``default`` :attr:`default_format` and
+        ``meta = {"label": "uniform <fmt>", "format": fmt}``.
+
+        Example:
+            >>> from mpsearch.models import Layer
+            >>> s = SearchSpace("x", {"language": ["fp32", "torch.int8dyn"], "head": ["fp32"]})
+            >>> ls = [Layer("fc", "language", 8, 8, False), Layer("lm_head", "head", 8, 16, False)]
+            >>> [(p.label, p.formats["fc"], p.formats["lm_head"]) for p in s.uniform_policies(ls)]
+            [('uniform fp32', 'fp32', 'fp32'), ('uniform torch.int8dyn', 'torch.int8dyn', 'fp32')]
+        """
+        decisions = self.decisions(list(layers))
+        names = [l.name for l in layers]
+        out, seen = [], set()
+        for fmt in self.formats():
+            if not any(fmt in d.choices for d in decisions):
+                continue
+            policy = self._policy(decisions, names, [fmt if fmt in d.choices else d.choices[0] for d in decisions],
+                                  label=f"uniform {fmt}", format=fmt)
+            if policy.key() not in seen:
+                seen.add(policy.key())
+                out.append(policy)
+        return out
+
+    def sample(self, layers: Sequence[Any], k: int, seed: int = 0) -> list[Any]:
+        """``k`` random policies: each decision a uniform draw among its choices (ties and pins kept).
+
+        Drawn with ``random.Random(seed)``, decision by decision: the same ``(layers, k, seed)``
+        give the same policies, and a larger ``k`` extends the list. Labels ``random <i>``;
+        ``default`` is :attr:`default_format`, as for :meth:`uniform_policies`.
+
+        Example:
+            >>> from mpsearch.models import Layer
+            >>> s = SearchSpace("x", {"language": ["fp32", "torch.int8dyn"]})
+            >>> ps = s.sample([Layer("a", "language", 8, 8, False), Layer("b", "language", 8, 8, False)], 3, seed=0)
+            >>> [p.label for p in ps], ps[0].key() == s.sample([Layer("a", "language", 8, 8, False),
+            ...                                                Layer("b", "language", 8, 8, False)], 1, seed=0)[0].key()
+            (['random 0', 'random 1', 'random 2'], True)
+        """
+        import random
+
+        decisions = self.decisions(list(layers))
+        names = [l.name for l in layers]
+        rng = random.Random(seed)
+        return [self._policy(decisions, names, [d.choices[0] if d.fixed else rng.choice(d.choices) for d in decisions],
+                             label=f"random {i}") for i in range(int(k))]
+
+    def _policy(self, decisions: Sequence[Decision], names: Sequence[str], choice: Sequence[str], **meta: Any) -> Any:
+        from mpsearch.policy import Policy
+
+        formats = {n: f for d, f in zip(decisions, choice) for n in d.layers}
+        return Policy({n: formats[n] for n in names}, default=self.default_format, meta=dict(meta))
 
     def _tie_keys(self, layers: Sequence[Any]) -> dict[str, str]:
         if self.tie == "auto":

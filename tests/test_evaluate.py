@@ -15,13 +15,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mpsearch.errors import ArtifactError, MpsError  # noqa: E402
-from mpsearch.evaluation import _bootstrap_ci, evaluate, letter_token_ids, load_policies, read_results  # noqa: E402
+from mpsearch.evaluation import evaluate, wilson_ci, letter_token_ids, load_policies, read_results  # noqa: E402
 from mpsearch.policy import Policy  # noqa: E402
 from mpsearch.tasks import load_benchmark  # noqa: E402
 from mpsearch.tasks.base import Benchmark  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = dict(measure_latency=False, progress=False, n_boot=200)
+FAST = dict(measure_latency=False, progress=False)
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +127,15 @@ def test_flips_kl_memory_and_model_restored(tiny, bench):
     assert res.flips == differ / len(base.answers)
     assert base.accuracy == sum(base.correct.values()) / base.n
     assert base.accuracy_ci[0] <= base.accuracy <= base.accuracy_ci[1]
-    assert set(base.per_subject) <= {"Colour", "Shapes", "Charts", "Counting"}
+    from mpsearch.tasks.synthetic import SKILL_OF_SUBJECT, SUBJECTS
+    assert set(base.per_subject) <= set(SUBJECTS)
+    # per skill: accuracy over the questions of that skill, with its Wilson interval
+    for skill in ("perception", "reasoning"):
+        subs = [s for s in base.per_subject if SKILL_OF_SUBJECT[s] == skill]
+        n = sum(base.per_subject_n[s] for s in subs)
+        k = sum(round(base.per_subject[s] * base.per_subject_n[s]) for s in subs)
+        assert base.per_skill_n[skill] == n and abs(base.per_skill[skill] - k / n) < 1e-12
+        assert base.per_skill_ci[skill] == wilson_ci(k, n)
     assert base.per_discipline == {}  # synthetic subjects are not MMMU subjects
     assert any("latency not measured" in n for n in base.notes)
     # the bank put every original module back
@@ -136,12 +144,16 @@ def test_flips_kl_memory_and_model_restored(tiny, bench):
         assert torch.equal(p, enc_before[n]), n
 
 
-def test_bootstrap_interval():
-    assert _bootstrap_ci([True] * 10, 500, 0) == (1.0, 1.0)
-    lo, hi = _bootstrap_ci([True, False] * 20, 1000, 0)
-    assert lo < 0.5 < hi and (lo, hi) == _bootstrap_ci([True, False] * 20, 1000, 0)
-    # normal approximation: 0.5 +- 1.96 * sqrt(0.25 / 40) = 0.5 +- 0.155
-    assert abs(lo - 0.345) < 0.05 and abs(hi - 0.655) < 0.05
+def test_wilson_interval():
+    # 10 of 10 correct: the interval does not collapse (a percentile bootstrap gives (1.0, 1.0)).
+    lo, hi = wilson_ci(10, 10)
+    z = 1.959963984540054
+    assert hi == 1.0 and abs(lo - 10 / (10 + z * z)) < 1e-9  # Wilson's lower bound at p = 1: n / (n + z^2)
+    lo, hi = wilson_ci(20, 40)
+    # Wilson at p = 0.5: 0.5 +- z * sqrt(0.25 / n + z^2 / (4 n^2)) / (1 + z^2 / n)
+    half = z * (0.25 / 40 + z * z / (4 * 40 * 40)) ** 0.5 / (1 + z * z / 40)
+    assert abs(lo - (0.5 - half)) < 1e-9 and abs(hi - (0.5 + half)) < 1e-9
+    assert wilson_ci(0, 0) == (0.0, 0.0)
 
 
 def _img():
@@ -197,7 +209,7 @@ def test_uniform_policies_from_space(tiny, bench):
 
 # --------------------------------------------------------------------------- results file
 def test_results_file_resume_and_torn_tail(tiny, bench, tmp_path, monkeypatch):
-    import mpsearch.evaluation as E
+    import mpsearch.evaluation.run as E
 
     model, processor = tiny
     out = tmp_path / "r.jsonl"
@@ -211,8 +223,8 @@ def test_results_file_resume_and_torn_tail(tiny, bench, tmp_path, monkeypatch):
         assert rec["identity"]["benchmark"] == "synthetic" and rec["identity"]["limit"] == 6
     # rerun: nothing evaluated again, nothing written, same results back
     calls = []
-    real = E._run_pass
-    monkeypatch.setattr(E, "_run_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = E.run_pass
+    monkeypatch.setattr(E, "run_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = evaluate(model, processor, [p1], bench, results_path=out, **FAST)
     assert calls == [] and len(out.read_text().splitlines()) == 2
     assert [r.to_dict() for r in again] == [r.to_dict() for r in first]
@@ -232,22 +244,22 @@ def test_results_file_resume_and_torn_tail(tiny, bench, tmp_path, monkeypatch):
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time
-    import mpsearch.evaluation as E
+    import mpsearch.evaluation.run as E
     from mpsearch.models import load_vlm
     from mpsearch.policy import Policy
     from mpsearch.tasks import load_benchmark
 
-    real = E._run_pass
+    real = E.run_pass
     def slow(*a, **k):            # each policy's pass takes >= 2 s: the kill lands between records
         out = real(*a, **k)
         time.sleep(2.0)
         return out
-    E._run_pass = slow
+    E.run_pass = slow
     model, processor = load_vlm("tiny:llava")
     bench = load_benchmark("synthetic", "dev", limit=4)
     pols = [Policy({}, default=f, meta={"label": f}) for f in ("rtn.int4", "rtn.int3", "rtn.int2")]
     E.evaluate(model, processor, pols, bench, results_path=sys.argv[1], measure_latency=False,
-               progress=False, n_boot=100, batch_size=4)
+               progress=False, batch_size=4)
 """)
 
 
@@ -286,7 +298,7 @@ def test_kill_mid_run_then_rerun_loses_and_duplicates_nothing(tiny, tmp_path):
     bench = load_benchmark("synthetic", "dev", limit=4)
     pols = [Policy({}, default=f, meta={"label": f}) for f in ("rtn.int4", "rtn.int3", "rtn.int2")]
     rs = evaluate(model, processor, pols, bench, results_path=out, batch_size=4, measure_latency=False,
-                  progress=False, n_boot=100)
+                  progress=False)
     after = out.read_bytes()
     assert after.startswith(before[: before.rfind(b"\n") + 1])  # finished records untouched
     recs = [json.loads(x) for x in after.decode().splitlines()]
@@ -374,7 +386,7 @@ def test_latency_measured_and_predicted(tiny, bench):
     model, processor = tiny
     q = Policy({}, default="rtn.int4", meta={"label": "int4"})
     rs = evaluate(model, processor, [q], bench, workload=latency.Workload(repeats=1, warmup=0, prompt_tokens=8, threads=1),
-                  latency_table=Table(), progress=False, n_boot=50)
+                  latency_table=Table(), progress=False)
     assert all(r.latency_ms is not None and r.latency_ms > 0 for r in rs)
     assert [r.predicted_latency_ms for r in rs] == [1.5, 0.75]
     assert not any("latency not measured" in n for r in rs for n in r.notes)

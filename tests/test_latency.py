@@ -16,6 +16,7 @@ import torch
 from mpsearch.errors import ArtifactError, MpsError
 from mpsearch.latency import (
     LatencyTable,
+    PhaseRunner,
     Timing,
     Workload,
     dummy_inputs,
@@ -27,6 +28,9 @@ from mpsearch.latency import (
     token_counts,
     uniform_policies,
 )
+from mpsearch.latency import cache as cache_mod
+from mpsearch.latency import context as context_mod
+from mpsearch.latency import isolated as isolated_mod
 from mpsearch.latency import measure as measure_mod
 from mpsearch.latency import table as table_mod
 from mpsearch.latency.roofline import bandwidth_bytes_per_s
@@ -127,7 +131,7 @@ def test_derived_tokens_match_what_the_model_sees(arch):
     for x in layers:
         assert rows[x.name] == [tc.per_group[x.group]], (x.name, x.group)
     # one decode step per row on the prompt's KV cache, cache cropped back after it
-    runner = measure_mod.PhaseRunner(model, w.with_(phase="decode"), "decode")
+    runner = PhaseRunner(model, w.with_(phase="decode"), "decode")
     n = runner._cache.get_seq_length()
     assert n == tc.seq_len
     with torch.inference_mode():
@@ -261,7 +265,7 @@ def test_decode_table_gives_vision_zero(llava):
 def test_decode_runner_keeps_the_cache_at_prompt_length(llava):
     model, _, _ = llava
     w = Workload(batch=2, phase="decode", **FAST)
-    runner = measure_mod.PhaseRunner(model, w, "decode")
+    runner = PhaseRunner(model, w, "decode")
     n = runner._cache.get_seq_length()
     assert n == token_counts(model, w).seq_len
     with torch.inference_mode():
@@ -296,7 +300,7 @@ def test_isolated_method_times_each_unique_key_once(llava, monkeypatch):
         in_f, out_f, _bias, rows, fmt = key
         return sum(rows) * in_f * out_f * (0.5 if fmt == INT8 else 1.0) * 1e-6
 
-    monkeypatch.setattr(measure_mod, "_time_unique", fake_time_unique)
+    monkeypatch.setattr(isolated_mod, "time_unique", fake_time_unique)
     counts = []
     for m, ls in ((model, layers), (big, big_layers)):
         calls.clear()
@@ -335,8 +339,8 @@ def test_phase_both_is_prefill_plus_n_decode(llava, monkeypatch):
     def fake_time(self, repeats, warmup):
         return Timing.from_samples([100.0 if self.phase == "prefill" else 7.0])
 
-    monkeypatch.setattr(measure_mod, "_time_unique", fake_time_unique)
-    monkeypatch.setattr(measure_mod.PhaseRunner, "time", fake_time)
+    monkeypatch.setattr(isolated_mod, "time_unique", fake_time_unique)
+    monkeypatch.setattr(PhaseRunner, "time", fake_time)
     kw = dict(method="isolated", progress=False, log=lambda m: None)
     pre = measure_latency_table(model, layers, _space(), Workload(**FAST), **kw)
     dec = measure_latency_table(model, layers, _space(), Workload(phase="decode", **FAST), **kw)
@@ -377,14 +381,14 @@ def test_cache_reused_only_for_the_same_key(llava, tmp_path, monkeypatch):
         raise AssertionError("measured although a fitting cache exists")
 
     with monkeypatch.context() as mp:
-        mp.setattr(measure_mod, "_measure_context", boom)
+        mp.setattr(measure_mod, "measure_context", boom)
         again = measure_latency_table(model, layers, _space(), Workload(**FAST), **kw)
     assert again.ms == first.ms and any("using" in m for m in msgs)
 
     # another device: the cached table is named, refused, and a new one measured
     msgs.clear()
     with monkeypatch.context() as mp:
-        mp.setattr(measure_mod, "current_device_name", lambda m: "NVIDIA H100 80GB HBM3")
+        mp.setattr(cache_mod, "current_device_name", lambda m: "NVIDIA H100 80GB HBM3")
         other = measure_latency_table(model, layers, _space(), Workload(**FAST), **kw)
     assert other.device == "NVIDIA H100 80GB HBM3"
     assert any("another setting" in m and "device" in m and "H100" in m for m in msgs), msgs
@@ -395,7 +399,7 @@ def test_cache_reused_only_for_the_same_key(llava, tmp_path, monkeypatch):
     # another library version
     msgs.clear()
     with monkeypatch.context() as mp:
-        mp.setattr(measure_mod, "library_key", lambda: {**table_mod.library_key(), "torch": "9.9.9"})
+        mp.setattr(cache_mod, "library_key", lambda: {**table_mod.library_key(), "torch": "9.9.9"})
         measure_latency_table(model, layers, _space(), Workload(**FAST), **kw)
     assert any("versions" in m and "9.9.9" in m for m in msgs), msgs
     # a tampered file under the right name is refused too
@@ -547,7 +551,7 @@ def test_overhead_fit_recovers_base_and_per_format_overheads():
               ("mixed 1", {"a": "fp32", "b": INT8, "c": INT8, "d": "bnb.nf4"})]
     truth = {INT8: 0.125, "bnb.nf4": -0.05}
     rest = [2.0 + sum(truth.get(f, 0.0) for n, f in m.items() if runs[n]) for _, m in passes]
-    base, overhead, resid = measure_mod._fit_overheads(passes, rest, runs, {"fp32"})
+    base, overhead, resid = context_mod.fit_overheads(passes, rest, runs, {"fp32"})
     assert base == pytest.approx(2.0)
     assert overhead == pytest.approx(truth)
     assert max(abs(r) for r in resid) < 1e-9
@@ -591,3 +595,126 @@ def test_cli_latency_bad_input_exits_2(argv, msg, capsys):
     code = cli.main(["latency", "tiny:llava", "--space", "cpu", "--no-progress", *argv])
     assert code == 2
     assert msg in capsys.readouterr().err
+
+
+# -- attribution with a known clock, compilation, threads ---------------------------------------
+class _VirtualClock:
+    """Time that moves only when the test charges it (ms); ``now()`` in seconds like perf_counter."""
+
+    def __init__(self) -> None:
+        self.t_ms = 0.0
+
+    def now(self) -> float:
+        return self.t_ms / 1e3
+
+
+def test_context_attribution_with_an_injected_clock(llava, monkeypatch):
+    """Every Linear call costs a known time inside the call, every int8 layer a known overhead outside
+    it, every forward a known base: the table must give back exactly those figures."""
+    from torch import nn
+
+    from mpsearch.formats.base import QuantizedLinear
+
+    model, _, layers = llava
+    clock = _VirtualClock()
+    factor = {"fp32": 1.0, INT8: 0.3}           # ms per (rows x in x out / 1e6)
+    outside = {"fp32": 0.0, INT8: 0.011}        # ms per call, charged outside the Linear call
+    base_ms = 2.5                               # ms per forward, charged before anything runs
+    depth = [0]
+
+    def fmt_of(m):
+        return getattr(m, "_mps_format", "fp32")
+
+    def cost(in_f, out_f, rows, fmt):
+        return rows * in_f * out_f * 1e-6 * factor[fmt] + 0.001 * (in_f % 7)
+
+    def charging(orig):
+        def forward(self, x):
+            if depth[0] == 0:
+                clock.t_ms += cost(self.in_features, self.out_features, x.numel() // x.shape[-1], fmt_of(self))
+            depth[0] += 1
+            try:
+                return orig(self, x)
+            finally:
+                depth[0] -= 1
+        return forward
+
+    def global_pre(m, _args):  # global pre-hooks run before the layer clock's own hooks
+        if depth[0] == 0 and isinstance(m, (nn.Linear, QuantizedLinear)):
+            clock.t_ms += outside[fmt_of(m)]
+
+    monkeypatch.setattr(nn.Linear, "forward", charging(nn.Linear.forward))
+    monkeypatch.setattr(QuantizedLinear, "forward", charging(QuantizedLinear.forward))
+    top = model.register_forward_pre_hook(lambda *_: setattr(clock, "t_ms", clock.t_ms + base_ms))
+    glob = torch.nn.modules.module.register_module_forward_pre_hook(global_pre)
+    try:
+        t = measure_latency_table(model, layers, _space(), Workload(**FAST), progress=False, log=lambda m: None,
+                                  now=clock.now)
+    finally:
+        top.remove()
+        glob.remove()
+    rows = {x.name: t.meta["rows_observed"]["prefill"][x.group] for x in layers}
+    assert t.base_ms == pytest.approx(base_ms, abs=1e-9)
+    for x in layers:
+        (seen,) = rows[x.name]
+        for f in ("fp32", INT8):
+            want = cost(x.in_features, x.out_features, sum(seen), f) + outside[f] if seen else 0.0
+            assert t.ms[x.name][f] == pytest.approx(want, abs=1e-9), (x.name, f)
+    assert t.meta["fit"]["prefill"]["overhead_ms_per_layer"] == pytest.approx({INT8: outside[INT8]}, abs=1e-9)
+    assert t.meta["fit"]["prefill"]["fit_residual_max"] < 1e-9
+
+
+def test_compiled_once_per_configuration_and_never_silently_eager(llava, monkeypatch):
+    from mpsearch.latency import compile_stats
+    from mpsearch.latency import compiled as compiled_mod
+
+    model, _, _ = llava
+    m = copy.deepcopy(model)
+    w = Workload(compile="eager", **FAST)
+    first = measure_model_latency(m, None, w)
+    assert first.compile is not None and first.compile["backend"] == "eager"
+    assert compile_stats()["configurations"] >= 1
+    again = measure_model_latency(m, None, w)  # same configurations: nothing compiled again
+    assert again.compile["configurations"] == 0 and again.compile["compilations"] == 0
+    assert again.compile["recompilations"] == 0
+    assert all(getattr(x, "_compiled_call_impl", None) is None for x in m.modules())  # model left eager
+    monkeypatch.setattr(compiled_mod, "RECOMPILE_LIMIT", 1)
+    with pytest.raises(MpsError, match="recompile limit"):
+        measure_model_latency(m, None, Workload(compile="eager", batch=2, **FAST))  # new shapes, limit 1
+
+
+def test_compile_value_names_a_mode_or_backend():
+    from mpsearch.latency.compiled import compile_spec
+
+    assert compile_spec(False) is None and compile_spec(True).backend == "inductor"
+    assert compile_spec("reduce-overhead").mode == "reduce-overhead"
+    with pytest.raises(MpsError, match="mode.*backend"):
+        compile_spec("fastest")
+
+
+def test_thread_check_warns_when_one_thread_wins(llava, monkeypatch):
+    from mpsearch.latency import check_threads
+
+    model, _, layers = llava
+    fast_one = {1: 2.0, 2: 5.0}
+
+    def fake_time(self, repeats, warmup):
+        return Timing.from_samples([fast_one[torch.get_num_threads()]] * repeats)
+
+    monkeypatch.setattr(PhaseRunner, "time", fake_time)
+    msgs: list[str] = []
+    check = check_threads(model, Workload(threads=2, repeats=2, warmup=0), log=msgs.append)
+    assert check["one_thread_faster"] and check["threads"] == 2
+    assert len(msgs) == 1 and "2.00 ms" in msgs[0] and "5.00 ms" in msgs[0] and "2 threads" in msgs[0]
+    fast_one.update({1: 5.0, 2: 2.0})
+    msgs.clear()
+    assert not check_threads(model, Workload(threads=2), log=msgs.append)["one_thread_faster"] and not msgs
+    assert check_threads(model, Workload(threads=1), log=msgs.append) is None
+    # the table function runs the check and records the thread count it used
+    fast_one.update({1: 2.0, 2: 5.0})
+    monkeypatch.setattr(isolated_mod, "time_unique", lambda key, dtype, device, workload: 0.01)
+    t = measure_latency_table(model, layers, _space(), Workload(threads=2, repeats=2, warmup=0), method="isolated",
+                              progress=False, log=msgs.append)
+    assert any("1 thread runs" in m for m in msgs)
+    assert t.meta["threads"] == 2 and t.meta["thread_check"]["one_thread_faster"]
+    assert t.to_dict()["provenance"]["threads"] == 2

@@ -26,7 +26,7 @@ from mpsearch.searching import (
     summarize_formats,
     write_front,
 )
-from mpsearch.searching._proxy import LayerInfo
+from mpsearch.models import Layer
 from mpsearch.searching.synthetic import synthetic_instance
 from mpsearch.sensitivity.report import SensitivityReport
 from mpsearch.space import SearchSpace
@@ -41,13 +41,13 @@ def small_instance(seed: int, n_formats: int = 3):
     rng = np.random.default_rng(seed)
     fmts = FORMATS[:n_formats]
     layers = [
-        LayerInfo("blk.0.q_proj", "language", 32, 32, False),
-        LayerInfo("blk.0.k_proj", "language", 32, 16, False),
-        LayerInfo("blk.0.v_proj", "language", 32, 16, True),
-        LayerInfo("blk.0.o_proj", "language", 32, 32, True),
-        LayerInfo("blk.0.fc", "language", 32, 64, False),
-        LayerInfo("proj.linear", "projector", 16, 32, True),
-        LayerInfo("lm_head", "head", 32, 100, False),
+        Layer("blk.0.q_proj", "language", 32, 32, False),
+        Layer("blk.0.k_proj", "language", 32, 16, False),
+        Layer("blk.0.v_proj", "language", 32, 16, True),
+        Layer("blk.0.o_proj", "language", 32, 32, True),
+        Layer("blk.0.fc", "language", 32, 64, False),
+        Layer("proj.linear", "projector", 16, 32, True),
+        Layer("lm_head", "head", 32, 100, False),
     ]
     space = SearchSpace("small", {"vision": fmts, "projector": fmts[:2], "language": fmts, "head": fmts},
                         pin={"lm_head": "fp32"}, tie=[["q_proj", "k_proj", "v_proj"]])
@@ -336,3 +336,158 @@ def test_cli_memory_budget_counts_the_whole_model(tmp_path, capsys):
     assert front and front.meta["memory_scope"] == "model"
     for c in front:
         assert c.memory_bytes == policy_memory_bytes(model, c.policy) <= budget_mb * BYTES_PER_MB
+
+
+# -- issue 14: lexicographic ILP, one memory model, no dominated candidates ---------------------
+@pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
+def test_two_layer_tie_gives_the_faster_policy_in_both_orders(order):
+    """Quantizing a or b costs the same loss; a is 5 ms in bf16, b 2 ms: the 2.0 ms policy wins."""
+    ms = {"a": {"bf16": 5.0, "torch.int8dyn": 0.0}, "b": {"bf16": 2.0, "torch.int8dyn": 0.0}}
+    layers = [Layer(n, "language", 64, 64, False) for n in order]
+    space = SearchSpace("t", {"language": ["bf16", "torch.int8dyn"]})
+    sens = SensitivityReport({n: {"bf16": 0.0, "torch.int8dyn": 1.0} for n in order})
+    lat = LatencyTable(0.0, {n: ms[n] for n in order})
+    pol = solve_ilp(sens, lat, space, budget_ms=5.0, layers=layers)
+    assert lat.predict(pol) == 2.0 and pol.format_for("a") == "torch.int8dyn" and pol.format_for("b") == "bf16"
+    front = ilp_front(sens, lat, space, layers=layers, n_points=None)
+    assert 5.0 not in [c.predicted_latency_ms for c in front]
+
+
+def tied_instance(seed: int):
+    """small_instance with integer scores and latencies on a coarse grid: many exact ties in loss
+    and latency, so the lexicographic tie-breaks decide."""
+    layers, space, _, _ = small_instance(seed)
+    rng = np.random.default_rng(1000 + seed)
+    fmts = space.formats()
+    scores = {l.name: {f: (0.0 if f == "fp32" else float(rng.integers(0, 3))) for f in fmts} for l in layers}
+    ms = {l.name: {f: float(rng.integers(1, 4)) * 0.5 for f in fmts} for l in layers}
+    return layers, space, SensitivityReport(scores), LatencyTable(1.0, ms)
+
+
+def _lex_best(table, fits):
+    """Brute-force lexicographic optimum (loss, then latency, then memory) among rows that fit."""
+    ok = [t for t in table if fits(t)]
+    lo = min(t[0] for t in ok)
+    ok = [t for t in ok if t[0] <= lo + 1e-9]
+    lm = min(t[1] for t in ok)
+    ok = [t for t in ok if t[1] <= lm + 1e-9]
+    return lo, lm, min(t[2] for t in ok)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_ilp_is_lexicographic_against_brute_force_with_ties(seed):
+    layers, space, sens, lat = tied_instance(seed)
+    table = [exact_costs(p, layers, sens, lat) for p in all_policies(layers, space)]
+    lo_ms, hi_ms = min(t[1] for t in table), max(t[1] for t in table)
+    lo_b, hi_b = min(t[2] for t in table), max(t[2] for t in table)
+    for frac in (0.0, 0.2, 0.5, 0.8):
+        budget_ms = lo_ms + frac * (hi_ms - lo_ms)
+        got = exact_costs(solve_ilp(sens, lat, space, budget_ms=budget_ms, layers=layers), layers, sens, lat)
+        assert got == pytest.approx(_lex_best(table, lambda t: t[1] <= budget_ms), abs=1e-9)
+        budget_b = int(lo_b + frac * (hi_b - lo_b))
+        got = exact_costs(solve_ilp(sens, lat, space, budget_mb=budget_b / BYTES_PER_MB, layers=layers), layers, sens, lat)
+        assert got == pytest.approx(_lex_best(table, lambda t: t[2] <= budget_b), abs=1e-9)
+    # every ILP front point (latency and memory fronts) is beaten on every objective by no policy
+    for metric in ("latency", "memory"):
+        for c in ilp_front(sens, lat, space, layers=layers, n_points=None, metric=metric):
+            v = (c.proxy_loss, c.predicted_latency_ms, c.memory_bytes)
+            assert not any(all(a <= b + 1e-12 for a, b in zip(t, v)) and any(a < b - 1e-9 for a, b in zip(t, v))
+                           for t in table), (metric, v)
+
+
+def _tiny_llava(dtype, tied: bool):
+    import mpsearch as mps
+
+    model, _ = mps.load_vlm("tiny:llava", dtype=dtype)
+    if tied:  # as Qwen2-VL-2B, SmolVLM, Gemma: the head *is* the input embedding matrix
+        model.lm_head.weight = model.get_input_embeddings().weight
+    return model, mps.discover_layers(model)
+
+
+@pytest.mark.parametrize("dtype,tied", [("float32", False), ("bfloat16", False), ("float32", True), ("bfloat16", True)])
+def test_proxy_memory_is_policy_memory_bytes_to_the_byte(dtype, tied):
+    """Property: for random policies of a space, the proxy's bytes equal policy_memory_bytes exactly."""
+    import copy
+
+    from mpsearch.formats import apply_policy, module_bytes, policy_memory_bytes
+
+    model, layers = _tiny_llava(dtype, tied)
+    native = "fp32" if dtype == "float32" else "bf16"
+    fmts = [native, "rtn.int4", "bnb.int8", "bnb.nf4"]
+    space = SearchSpace("m", {g: fmts for g in ("vision", "projector", "language", "head")}, tie=[["q_proj", "k_proj", "v_proj"]])
+    sens = SensitivityReport({l.name: {f: 0.0 for f in fmts} for l in layers})
+    prob = ProxyProblem.build(sens, None, space, layers, model=model)
+    pols = space.sample(layers, 25, seed=3) + space.uniform_policies(layers)
+    for p in pols:
+        idx = prob.indices(p)
+        assert prob.memory_bytes(idx) == policy_memory_bytes(model, p) == policy_memory_bytes(model, prob.policy(idx))
+    # a tied head quantized without its embedding costs what it really costs
+    head = Policy({l.name: ("rtn.int4" if l.group == "head" else native) for l in layers}, default=native)
+    real = copy.deepcopy(model)
+    apply_policy(real, head)
+    assert prob.memory_bytes(prob.indices(head)) == policy_memory_bytes(model, head) == module_bytes(real)
+    if tied:
+        emb = model.get_input_embeddings().weight
+        base = prob.memory_bytes(prob.indices(Policy({l.name: native for l in layers}, default=native)))
+        assert prob.memory_bytes(prob.indices(head)) > base  # the embedding stays: quantizing the head adds bytes
+        assert emb.numel() * emb.element_size() <= base
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ilp_never_exceeds_a_memory_budget_on_a_tied_model(dtype):
+    from mpsearch.formats import policy_memory_bytes
+
+    model, layers = _tiny_llava(dtype, tied=True)
+    native = "fp32" if dtype == "float32" else "bf16"
+    fmts = [native, "rtn.int4", "bnb.int8"]
+    space = SearchSpace("m", {g: fmts for g in ("vision", "projector", "language", "head")})
+    rng = np.random.default_rng(0)
+    sens = SensitivityReport({l.name: {f: (0.0 if f == native else float(rng.exponential())) for f in fmts} for l in layers})
+    prob = ProxyProblem.build(sens, None, space, layers, model=model)
+    lo, hi = prob.memory_bytes(prob.smallest()), prob.memory_bytes(prob.largest())
+    for frac in (0.05, 0.3, 0.6, 0.9):
+        budget_mb = (lo + frac * (hi - lo)) / BYTES_PER_MB
+        pol = solve_ilp(sens, None, space, budget_mb=budget_mb, layers=layers, model=model)
+        mem = policy_memory_bytes(model, pol)
+        assert mem <= budget_mb * BYTES_PER_MB and mem == pol.meta["metrics"]["memory_bytes"]
+
+
+def test_uniform_and_sampled_policies_share_the_searchs_keys():
+    inst = synthetic_instance(n_blocks=2, vision_blocks=1, seed=0)
+    prob = ProxyProblem.build(inst.sens, inst.lat, inst.space, inst.layers)
+    for p in inst.space.uniform_policies(inst.layers) + inst.space.sample(inst.layers, 5, seed=1):
+        assert prob.policy(prob.indices(p)).key() == p.key()
+        assert p.default == inst.space.default_format
+    a, b = inst.space.sample(inst.layers, 3, seed=7), inst.space.sample(inst.layers, 5, seed=7)
+    assert [p.key() for p in a] == [p.key() for p in b[:3]]
+    for p in inst.space.uniform_policies(inst.layers):
+        idx = prob.uniform(p.meta["format"])
+        assert idx is None or prob.policy(idx).key() == p.key()
+
+
+def test_one_pareto_filter_nan_and_none_never_shield():
+    from mpsearch.plots import _pareto_xy
+    from mpsearch.searching import Candidate
+    from mpsearch.searching._front import pareto_indices
+
+    assert pareto_indices([(1.0, float("nan")), (1.0, 2.0), (None, 0.0), (0.5, 3.0)]) == [1, 2, 3]
+    cs = [Candidate(Policy({"l": "fp32"}), math.nan, 1.0, None, "nan"), Candidate(Policy({"l": "bf16"}), 0.5, 1.0, None, "ok")]
+    assert [c.source for c in pareto(cs, ("proxy_loss", "predicted_latency_ms"))] == ["ok"]
+    assert _pareto_xy([(1.0, 0.5), (2.0, 0.4), (2.0, 0.7), (1.0, 0.5)]) == [(1.0, 0.5), (2.0, 0.7)]
+
+
+def test_proxy_fidelity_from_a_refined_front(tmp_path):
+    from mpsearch.searching import Candidate, Front
+    from mpsearch.searching._fidelity import fidelity_lines, proxy_fidelity
+
+    rng = np.random.default_rng(0)
+    fmts = ["fp32", "bf16", "fp16", "bnb.int8", "bnb.nf4", "rtn.int4"]  # front files hold registry formats only
+    cs = [Candidate(Policy({"l": fmts[i]}), float(i), float(10 - i), None, "t", kl=float(i) + rng.uniform(0, 0.1),
+                    measured_latency_ms=float(10 - i) + 0.5) for i in range(6)]
+    fid = proxy_fidelity(cs)
+    assert fid["spearman_proxy_kl"] == pytest.approx(1.0) and fid["n_proxy_kl"] == 6 and fid["n_latency"] == 6
+    rec = {"n": 16, "spearman_proxy_kl": 0.29, "spearman_predicted_measured_latency": -0.21, "median_latency_error": 0.2}
+    write_front(tmp_path / "refined.json", Front(cs, meta={"fidelity": rec}))
+    fid = proxy_fidelity(tmp_path / "refined.json")
+    assert (fid["spearman_proxy_kl"], fid["n_proxy_kl"], fid["spearman_latency"], fid["n_latency"]) == (0.29, 16, -0.21, 16)
+    assert "over 16 policies" in "\n".join(fidelity_lines(fid))

@@ -382,8 +382,38 @@ def test_hessian_profile_score_formula(toy):
         W = get_format("fp32").quantize_weight(model.get_submodule(l.name).weight.detach())
         err = float((get_format("rtn.int4").quantize_weight(W) - W).pow(2).sum())
         tr = r.meta["trace"][l.name]
-        assert r.scores[l.name]["rtn.int4"] == pytest.approx(max(tr, 0) / W.numel() * err, rel=1e-9)
+        used = r.meta["trace_used"][l.name]
+        assert r.scores[l.name]["rtn.int4"] == pytest.approx(used / W.numel() * err, rel=1e-9)
         assert r.meta["trace_stderr"][l.name] > 0
+        if l.name not in r.meta["uncertain_trace"]:  # interval above zero: the estimate itself
+            assert r.scores[l.name]["rtn.int4"] == pytest.approx(max(tr, 0) / W.numel() * err, rel=1e-9)
+        else:
+            assert used == pytest.approx(abs(tr) + 2 * r.meta["trace_stderr"][l.name]) and used > 0
+
+
+def test_a_trace_whose_interval_contains_zero_is_not_free():
+    """An indefinite Hessian block of trace exactly 0 (loss z1^2 - z2^2 of z = W x): the noisy
+    estimate is scored with |mean| + 2 SE, never 0, and the report lists the layer."""
+    from mpsearch.sensitivity import SensitivityReport
+    from mpsearch.sensitivity.hessian import UNCERTAIN_ACTION, hutchinson, scoring_traces
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 1, bias=False))
+    x = torch.randn(16, 4)
+
+    def loss():
+        z = net[0](x)
+        return (z[:, 0] ** 2 - z[:, 1] ** 2).mean() + net[1](z.tanh()).pow(2).mean()
+
+    est = hutchinson(net, loss, {"saddle": net[0], "head": net[1]}, n_probes=8, seed=1)
+    used, flagged = scoring_traces(est)
+    assert "saddle" in flagged and used["saddle"] > 0
+    assert used["saddle"] == pytest.approx(abs(est.mean["saddle"]) + 2 * est.stderr["saddle"])
+    assert all(v >= max(est.mean[n], 0.0) for n, v in used.items())
+    r = SensitivityReport({"saddle": {"fp32": 0.0}, "head": {"fp32": 0.0}}, method="hessian",
+                          meta={"uncertain_trace": flagged, "uncertain_trace_action": UNCERTAIN_ACTION})
+    text = r.summary_text()
+    assert "saddle" in text and "interval contains zero" in text and "|mean| + 2 SE" in text
 
 
 # --------------------------------------------------------------------------- the report
@@ -392,8 +422,8 @@ def test_report_json_round_trip_summaries_and_refusals(tmp_path):
     from mpsearch.errors import ArtifactError
     from mpsearch.sensitivity import SensitivityReport
 
-    r = SensitivityReport({"v.0": {"bf16": 0.0, "nf4": 2.0}, "v.1": {"bf16": 0.0, "nf4": 1.0},
-                           "l.0": {"bf16": 0.5, "nf4": 8.0}, "head": {"bf16": 0.25}},
+    r = SensitivityReport({"v.0": {"bf16": 0.0, "bnb.nf4": 2.0}, "v.1": {"bf16": 0.0, "bnb.nf4": 1.0},
+                           "l.0": {"bf16": 0.5, "bnb.nf4": 8.0}, "head": {"bf16": 0.25}},
                           method="kl", meta={"groups": {"v.0": "vision", "v.1": "vision", "l.0": "language", "head": "head"},
                                              "dead": ["v.1"]})
     p = tmp_path / "sens.json"
@@ -402,10 +432,10 @@ def test_report_json_round_trip_summaries_and_refusals(tmp_path):
     assert back.scores == r.scores and back.method == "kl" and back.meta == r.meta
     assert back.provenance["sensitivity"] == "kl" and "torch" in back.provenance
     summ = back.group_summary()
-    assert summ["vision"]["nf4"] == {"total": 3.0, "mean": 1.5, "n": 2}
-    assert summ["language"]["bf16"]["total"] == 0.5 and "nf4" not in summ["head"]
+    assert summ["vision"]["bnb.nf4"] == {"total": 3.0, "mean": 1.5, "n": 2}
+    assert summ["language"]["bf16"]["total"] == 0.5 and "bnb.nf4" not in summ["head"]
     assert back.ranking()[0] == ("l.0", 8.0) and back.ranking("bf16")[-1][1] == 0.0
-    assert [n for n, _ in back.ranking("nf4", group="vision")] == ["v.0", "v.1"]
+    assert [n for n, _ in back.ranking("bnb.nf4", group="vision")] == ["v.0", "v.1"]
     text = back.summary_text()
     assert "does not reach the output" in text and "v.1" in text
     with pytest.raises(MpsError, match="no score for format 'int8'"):

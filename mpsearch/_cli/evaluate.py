@@ -8,12 +8,12 @@ Example:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from typing import Any, Sequence
+from typing import Any
 
 from mpsearch._cli.common import add_model_args, load_model
 from mpsearch.errors import MpsError
+from mpsearch.evaluation.report import format_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workload", default=None, help="latency workload, e.g. 'batch=1,phase=prefill,repeats=10'")
     p.add_argument("--no-latency", action="store_true", help="do not time the policies")
     p.add_argument("--latency-table", default=None, help="latency table JSON: adds the predicted latency")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0): recorded with the results")
     p.set_defaults(func=run_evaluate)
 
     r = sub.add_parser("report", help="print a results JSONL file as a table",
@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("results", nargs="+", help="results JSONL file(s)")
     r.add_argument("--sort", default=None, choices=("accuracy", "latency", "memory", "label"),
                    help="sort rows (default: file order)")
+    r.add_argument("--refined", default=None, metavar="FILE",
+                   help="refined front JSON (`mpsearch refine`): print the proxy's fidelity (default: refined.json "
+                        "next to the first results file, if there)")
     r.set_defaults(func=run_report)
 
 
@@ -101,44 +104,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(value: Any, spec: str, none: str = "-") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return none
-    return format(value, spec)
-
-
-def format_table(results: Sequence[Any]) -> str:
-    """The report table of results (one row each).
-
-    Example:
-        >>> from mpsearch.evaluation import Result
-        >>> from mpsearch.policy import Policy
-        >>> row = format_table([Result(Policy({}, "fp32", {"label": "fp32"}), 0.5, (0.25, 0.75), n=8,
-        ...                            flips=0.0, kl=0.0, memory_bytes=2**20)]).splitlines()[1]
-        >>> row.split()[:5]
-        ['fp32', '-', '1.00', '50.0', '[25.0,']
-    """
-    headers = ["policy", "latency_ms", "memory_MiB", "acc%", "95% CI", "flips%", "kl", "fallbacks", "n", "bench/split/mode"]
-    rows = []
-    for r in results:
-        rows.append([
-            r.label,
-            _fmt(r.latency_ms, ".2f"),
-            _fmt(None if r.memory_bytes is None else r.memory_bytes / 2**20, ".2f"),
-            _fmt(100 * r.accuracy, ".1f"),
-            f"[{100 * r.accuracy_ci[0]:.1f}, {100 * r.accuracy_ci[1]:.1f}]",
-            _fmt(None if r.flips is None else 100 * r.flips, ".1f"),
-            _fmt(r.kl, ".4f"),
-            str(r.fallbacks),
-            str(r.n) + (f" (+{r.n_skipped} skipped)" if r.n_skipped else ""),
-            f"{r.benchmark or '-'} / {r.split or '-'}" + (f" / {r.mode}" if r.benchmark else ""),
-        ])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
-
-
 def run_report(args: argparse.Namespace) -> int:
     """``mpsearch report``: returns the exit code."""
     from pathlib import Path
@@ -161,6 +126,13 @@ def run_report(args: argparse.Namespace) -> int:
     elif args.sort == "label":
         results.sort(key=lambda r: r.label)
     print(format_table(results))
+    refined = Path(args.refined) if getattr(args, "refined", None) else Path(args.results[0]).parent / "refined.json"
+    if getattr(args, "refined", None) and not refined.is_file():
+        raise MpsError(f"--refined {refined}: no such file (give the front JSON written by `mpsearch refine`)")
+    if refined.is_file():
+        from mpsearch.searching._fidelity import fidelity_lines, proxy_fidelity
+
+        print("\n".join(fidelity_lines(proxy_fidelity(refined))))
     skipped = {r.n_skipped for r in results if r.n_skipped}
     if skipped:
         print("note: logits mode scores multiple-choice questions only; open questions were skipped", file=sys.stdout)

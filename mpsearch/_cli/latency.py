@@ -30,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space", required=True, help="search space: a shipped name (cpu, gpu-bnb, gpu-ao, llm-only) or a YAML file")
     p.add_argument("--workload", default="",
                    help="key=value list: batch, image_size, prompt_tokens, new_tokens, phase (prefill|decode|both), "
-                        "compile (true|false|mode), threads, repeats, warmup, stat (median|min); e.g. "
-                        "batch=1,phase=prefill,threads=1")
+                        "compile (true|false|mode|backend: each Linear configuration compiled once), threads "
+                        "(more than 1 on a CPU: warns when one thread runs the model faster), repeats, warmup, "
+                        "stat (median|min); e.g. batch=1,phase=prefill,threads=1")
     p.add_argument("--method", default="auto", choices=("auto", "context", "isolated"),
                    help="context: hooks time each Linear inside the real forward (default); isolated: each unique "
                         "shape alone (used with compile)")

@@ -40,9 +40,11 @@ from mpsearch.formats.bnb import Bnb4bitFormat, BnbInt8Format
 from mpsearch.formats.torch_dyn import TorchDynamicInt8Format
 from mpsearch.formats.rtn import RTNFormat, RTNLinear
 from mpsearch.formats.ao import AoFormat
+from mpsearch.formats.rtn_sym import SymRTNFormat, SymRTNLinear
 from mpsearch.formats.apply import (
     AppliedReport,
     Change,
+    MemoryModel,
     ModuleBank,
     apply_policy,
     current_formats,
@@ -71,10 +73,13 @@ __all__ = [
     "DTYPE_FORMATS",
     "FORMATS",
     "Format",
+    "MemoryModel",
     "ModuleBank",
     "QuantizedLinear",
     "RTNFormat",
     "RTNLinear",
+    "SymRTNFormat",
+    "SymRTNLinear",
     "TorchDynamicInt8Format",
     "apply_policy",
     "available_formats",

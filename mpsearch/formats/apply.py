@@ -258,7 +258,8 @@ def policy_memory_bytes(model: nn.Module, policy: Any) -> int:
     Non-Linear parameters and buffers at their current sizes, plus each Linear's tensors:
     as they are when it is already in its target format, else the target format's
     ``storage_bytes``. Shared storages (a tied ``lm_head``) are counted once, as
-    :func:`module_bytes` counts the real model after :func:`apply_policy`.
+    :func:`module_bytes` counts the real model after :func:`apply_policy`. The search's
+    proxy counts memory with the same :class:`MemoryModel`.
 
     Example:
         >>> from mpsearch.policy import Policy
@@ -266,18 +267,72 @@ def policy_memory_bytes(model: nn.Module, policy: Any) -> int:
         >>> policy_memory_bytes(model, Policy({}, default="fp32")), policy_memory_bytes(model, Policy({}, default="bnb.int8"))
         (16384, 4352)
     """
-    slots = _all_slots(model)
-    targets = _targets(policy, slots)
-    inside = {id(m) for s in slots.values() for m in s.module.modules()}
-    counter = _Counter()
-    total = counter.add(tensor_storages((m for m in model.modules() if id(m) not in inside), counter.keep))
-    for name, slot in slots.items():
-        fmt = targets[name]
-        if fmt.name == slot.fmt:
-            total += counter.add(tensor_storages(slot.module.modules(), counter.keep))
-        else:
-            total += fmt.storage_bytes(slot.in_features, slot.out_features, slot.bias, slot.dtype)
-    return total
+    return MemoryModel(model).total(policy)
+
+
+class MemoryModel:
+    """The exact weight-memory model of one model: what :func:`policy_memory_bytes` computes.
+
+    ``base_bytes``: every distinct storage outside the Linear layers (embeddings, norms, a
+    tied head's shared embedding...). :meth:`layer_bytes` ``(name, fmt)``: the bytes a layer
+    adds on top of that in ``fmt``: its own storages not already in the base when ``fmt`` is
+    its current format (a head tied to the input embeddings adds only its bias), else
+    ``Format.storage_bytes`` with the layer's dtype (biases in it). The total of a policy is
+    ``base_bytes + sum(layer_bytes)`` exactly, except where two Linear layers share a storage
+    (:meth:`shared`): the sum then counts it once per layer left in its format, the total once.
+
+    Example:
+        >>> from mpsearch.policy import Policy
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(8, 16), torch.nn.Linear(16, 8, bias=False))
+        >>> model[1].weight = model[0].weight                       # a tied head
+        >>> mm = MemoryModel(model)
+        >>> mm.base_bytes, mm.layer_bytes("1", "fp32"), mm.layer_bytes("1", "bnb.int8")
+        (512, 0, 160)
+        >>> mm.total(Policy({}, default="bnb.int8")) == mm.base_bytes + mm.layer_bytes("1", "bnb.int8")
+        True
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.slots = _all_slots(model)
+        inside = {id(m) for s in self.slots.values() for m in s.module.modules()}
+        self._keep: list[torch.Tensor] = []  # tensors alive while storage keys are compared
+        self._base = tensor_storages((m for m in model.modules() if id(m) not in inside), self._keep)
+        self.base_bytes = int(sum(self._base.values()))
+        self._own = {n: {k: v for k, v in tensor_storages(s.module.modules(), self._keep).items() if k not in self._base}
+                     for n, s in self.slots.items()}
+
+    def format_of(self, name: str) -> str:
+        """The format layer ``name`` is in now."""
+        return self.slots[name].fmt
+
+    def layer_bytes(self, name: str, fmt: str) -> int:
+        """Bytes layer ``name`` adds to :attr:`base_bytes` in format ``fmt`` (see the class docstring)."""
+        slot = self.slots[name]
+        f = get_format(fmt)
+        if f.name == slot.fmt:
+            return int(sum(self._own[name].values()))
+        return int(f.storage_bytes(slot.in_features, slot.out_features, slot.bias, slot.dtype))
+
+    def shared(self) -> list[tuple[int, list[str]]]:
+        """``(bytes, layers)`` of each storage that several Linear layers keep (counted once in the total)."""
+        users: dict[tuple[int, int, str], list[str]] = {}
+        for n, own in self._own.items():
+            for k in own:
+                users.setdefault(k, []).append(n)
+        return [(int(k[1]), names) for k, names in users.items() if len(names) > 1]
+
+    def total(self, policy: Any) -> int:
+        """Exact bytes of the model were ``policy`` applied (:func:`policy_memory_bytes`)."""
+        targets = _targets(policy, self.slots)
+        counter = _Counter(keep=self._keep)
+        total = counter.add(self._base)
+        for name, slot in self.slots.items():
+            fmt = targets[name]
+            if fmt.name == slot.fmt:
+                total += counter.add(self._own[name])
+            else:
+                total += fmt.storage_bytes(slot.in_features, slot.out_features, slot.bias, slot.dtype)
+        return total
 
 
 class ModuleBank:

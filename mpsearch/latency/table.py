@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from mpsearch.artifacts import SCHEMA_VERSION, atomic_write_json, provenance, read_json
+from mpsearch.artifacts import SCHEMA_VERSION, atomic_write_json, provenance
 from mpsearch.errors import ArtifactError, MpsError
 
 KIND = "latency"
@@ -48,21 +47,11 @@ class LatencyTable:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.base_ms, (int, float)) or isinstance(self.base_ms, bool) or not math.isfinite(self.base_ms):
-            raise MpsError(f"LatencyTable base_ms must be a finite number, got {self.base_ms!r}")
-        self.base_ms = float(self.base_ms)
-        if not isinstance(self.ms, Mapping):
-            raise MpsError("LatencyTable ms must map layer names to {format: ms}")
-        clean: dict[str, dict[str, float]] = {}
-        for layer, row in self.ms.items():
-            if not isinstance(row, Mapping) or not row:
-                raise MpsError(f"LatencyTable ms[{layer!r}] must be a non-empty mapping of format -> ms")
-            clean[str(layer)] = {}
-            for fmt, value in row.items():
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                    raise MpsError(f"LatencyTable ms[{layer!r}][{fmt!r}] must be a finite number, got {value!r}")
-                clean[str(layer)][str(fmt)] = float(value)
-        self.ms = clean
+        from mpsearch.schemas import LatencyValues, validate_object
+
+        valid = validate_object(LatencyValues, {"base_ms": self.base_ms, "ms": self.ms}, "LatencyTable")
+        self.base_ms = valid.base_ms
+        self.ms = {layer: dict(row) for layer, row in valid.ms.items()}
         self.meta = dict(self.meta or {})
 
     # -- queries ------------------------------------------------------------------------
@@ -184,18 +173,13 @@ class LatencyTable:
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any], where: Any = "latency table") -> "LatencyTable":
         """Inverse of :meth:`to_dict`; malformed fields raise :class:`ArtifactError`."""
-        if "base_ms" not in obj or "ms" not in obj:
-            raise ArtifactError(f"{where}: a latency table needs fields 'base_ms' and 'ms'")
-        meta = obj.get("meta") or {}
-        if not isinstance(meta, dict):
-            raise ArtifactError(f"{where}: field 'meta' must be a mapping")
-        meta = dict(meta)
+        from mpsearch.schemas import LatencyTableFile, validate
+
+        validate(LatencyTableFile, obj, where)
+        meta = dict(obj.get("meta") or {})
         if obj.get("provenance") is not None:
             meta["provenance"] = obj["provenance"]
-        try:
-            return cls(obj["base_ms"], obj["ms"], meta)
-        except MpsError as exc:
-            raise ArtifactError(f"{where}: {exc}") from None
+        return cls(obj["base_ms"], obj["ms"], meta)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "LatencyTable":
@@ -203,7 +187,10 @@ class LatencyTable:
 
         Example: ``LatencyTable.from_json("latency.json").predict(policy)``.
         """
-        table = cls.from_dict(read_json(path, kind=KIND), where=path)
+        from mpsearch.schemas import LatencyTableFile, read_json_artifact
+
+        obj, _ = read_json_artifact(path, LatencyTableFile)
+        table = cls.from_dict(obj, where=path)
         table.meta["path"] = str(path)
         return table
 

@@ -35,6 +35,7 @@ class Timing:
     peak_memory_bytes: int | None = None
     threads: int | None = None
     device: str = ""
+    compile: dict[str, Any] | None = None
 
     def __float__(self) -> float:
         return float(self.median_ms)
@@ -55,7 +56,7 @@ class Timing:
         """JSON-safe dict."""
         return {"median_ms": self.median_ms, "spread_ms": self.spread_ms, "min_ms": self.min_ms,
                 "samples_ms": self.samples_ms, "peak_memory_bytes": self.peak_memory_bytes,
-                "threads": self.threads, "device": self.device}
+                "threads": self.threads, "device": self.device, "compile": self.compile}
 
 
 def iqr(values: Sequence[float]) -> float:
@@ -120,6 +121,7 @@ def time_callable(
     device: Any = "cpu",
     reset: Callable[[], Any] | None = None,
     clock: str = "wall",
+    now: Callable[[], float] | None = None,
 ) -> Timing:
     """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls.
 
@@ -127,7 +129,8 @@ def time_callable(
     reading them; the peak allocated memory is recorded. On CPU ``perf_counter`` times each
     call (``clock="cpu"``: ``thread_time``, the calling thread's CPU time, which ignores time
     spent descheduled on a loaded machine). ``reset()`` runs after every call, outside the timed
-    region (e.g. to crop a KV cache).
+    region (e.g. to crop a KV cache). ``now`` (a seconds counter) replaces the clock on CPU:
+    tests inject a virtual clock whose costs are known.
     """
     import torch
 
@@ -136,7 +139,11 @@ def time_callable(
         from mpsearch.errors import MpsError
 
         raise MpsError(f"clock {clock!r} is for CPU timing; CUDA work is timed with CUDA events (clock=wall)")
-    now = clock_fn(clock)
+    if cuda and now is not None:
+        from mpsearch.errors import MpsError
+
+        raise MpsError("an injected clock times CPU work; CUDA work is timed with CUDA events")
+    now = now or clock_fn(clock)
     for _ in range(warmup):
         fn()
         if reset is not None:

@@ -1,7 +1,7 @@
 """Checking a latency table against reality, and correcting it where it is off.
 
 ``validate_table`` times the uniform policies and ``k`` random policies of the search space end
-to end (interleaved round-robin, see :func:`mpsearch.latency.measure.measure_policies`) and
+to end (interleaved round-robin, see :func:`mpsearch.latency.end_to_end.measure_policies`) and
 compares them with ``table.predict``. ``fit_correction`` fits, by non-negative least squares on
 *relative* residuals, an offset and one scale per format::
 
@@ -17,66 +17,17 @@ Example:
 """
 from __future__ import annotations
 
-import random
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from mpsearch.errors import MpsError
+from mpsearch.latency.end_to_end import measure_policies
+from mpsearch.latency.model_info import current_device_name
+from mpsearch.latency.policies import random_policies, uniform_policies
 from mpsearch.latency.table import LatencyTable
 from mpsearch.latency.timing import Timing
 from mpsearch.latency.workload import Workload
-
-
-def _name(layer: Any) -> str:
-    return str(getattr(layer, "name", layer))
-
-
-def random_policies(space: Any, layers: Sequence[Any], k: int, seed: int = 0) -> list[Any]:
-    """``k`` policies drawn uniformly per decision of ``space`` (ties and pins respected).
-
-    Example:
-        >>> pols = random_policies(space, layers, 3, seed=0)          # doctest: +SKIP
-        >>> [p.meta["label"] for p in pols]                          # doctest: +SKIP
-        ['random 0', 'random 1', 'random 2']
-    """
-    from mpsearch.policy import Policy
-
-    rng = random.Random(seed)
-    decisions = space.decisions(list(layers))
-    out = []
-    for i in range(k):
-        mapping: dict[str, str] = {}
-        for d in decisions:
-            fmt = d.choices[0] if len(d.choices) == 1 else rng.choice(list(d.choices))
-            for n in d.layers:
-                mapping[n] = fmt
-        default = next(iter(mapping.values())) if mapping else "fp32"
-        out.append(Policy(mapping, default=default, meta={"label": f"random {i}"}))
-    return out
-
-
-def uniform_policies(space: Any, layers: Sequence[Any]) -> list[Any]:
-    """One policy per format of ``space``: that format wherever a layer may take it, else the
-    layer's first candidate. Identical policies are listed once.
-
-    Example:
-        >>> [p.meta["label"] for p in uniform_policies(space, layers)][:2]   # doctest: +SKIP
-        ['uniform fp32', 'uniform torch.int8dyn']
-    """
-    from mpsearch.policy import Policy
-
-    layers = list(layers)
-    cands = {_name(x): list(space.candidates(x)) for x in layers}
-    out, seen = [], set()
-    for fmt in space.formats():
-        mapping = {n: (fmt if fmt in c else c[0]) for n, c in cands.items()}
-        sig = tuple(sorted(mapping.items()))
-        if sig in seen or fmt not in {f for c in cands.values() for f in c}:
-            continue
-        seen.add(sig)
-        out.append(Policy(mapping, default=fmt, meta={"label": f"uniform {fmt}"}))
-    return out
 
 
 @dataclass
@@ -270,8 +221,6 @@ def validate_table(table: LatencyTable, model: Any, layers: Sequence[Any], space
         >>> report.median_error < 0.1                                                 # doctest: +SKIP
         True
     """
-    from mpsearch.latency.measure import current_device_name, measure_policies
-
     workload = workload or Workload()
     if policies is None:
         policies = uniform_policies(space, layers) + random_policies(space, layers, k, seed)

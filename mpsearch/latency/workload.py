@@ -72,30 +72,10 @@ class Workload:
     processor: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("batch", "repeats"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise MpsError(f"workload field {name!r} must be a positive integer, got {value!r}")
-        for name in ("warmup", "new_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise MpsError(f"workload field {name!r} must be an integer >= 0, got {value!r}")
-        for name in ("image_size", "prompt_tokens", "threads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise MpsError(f"workload field {name!r} must be a positive integer or unset, got {value!r}")
-        if self.phase not in PHASES:
-            raise MpsError(f"workload field 'phase' is {self.phase!r}; valid: {', '.join(PHASES)}")
-        if self.phase == "both" and self.new_tokens < 1:
-            raise MpsError("workload phase 'both' needs new_tokens >= 1 (decode steps after the first token)")
-        if self.clock not in CLOCKS:
-            raise MpsError(f"workload field 'clock' is {self.clock!r}; valid: {', '.join(CLOCKS)}")
-        if self.clock == "cpu" and self.threads != 1:
-            raise MpsError("workload clock=cpu times one thread's CPU time: set threads=1 with it")
-        if self.stat not in STATS:
-            raise MpsError(f"workload field 'stat' is {self.stat!r}; valid: {', '.join(STATS)}")
-        if not isinstance(self.compile, (bool, str)):
-            raise MpsError(f"workload field 'compile' must be true/false or a torch.compile mode, got {self.compile!r}")
+        from mpsearch.schemas import WorkloadSchema, validate_object
+
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("inputs", "processor")}
+        validate_object(WorkloadSchema, fields, "workload")
 
     # -- text form (CLI) ----------------------------------------------------------------
     @classmethod
@@ -132,7 +112,14 @@ class Workload:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Workload":
-        """Inverse of :meth:`to_dict` (a described ``inputs`` cannot be rebuilt and is dropped)."""
+        """Inverse of :meth:`to_dict` (a described ``inputs`` cannot be rebuilt and is dropped).
+
+        Checked whole (:class:`mpsearch.schemas.WorkloadRecord`): an unknown key or a bad value
+        raises :class:`MpsError` naming it.
+        """
+        from mpsearch.schemas import WorkloadRecord, validate_object
+
+        validate_object(WorkloadRecord, d, "workload")
         names = {f.name for f in dataclasses.fields(cls)} - {"inputs", "processor"}
         return cls(**{k: v for k, v in d.items() if k in names})
 

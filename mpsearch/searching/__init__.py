@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from mpsearch.searching._front import Candidate, Front, pareto, read_front, write_front
 from mpsearch.searching._ilp import BYTES_PER_MB, ilp_front, solve_ilp
-from mpsearch.searching._proxy import LayerInfo, ProxyProblem, summarize_formats
+from mpsearch.searching._proxy import ProxyProblem, summarize_formats
 from mpsearch.searching._sampler import BudgetSampler
 from mpsearch.searching._search import SAMPLERS, search
 from mpsearch.searching._study import TrialFailed, open_storage, redact
@@ -31,7 +31,6 @@ __all__ = [
     "BudgetSampler",
     "Candidate",
     "Front",
-    "LayerInfo",
     "ProxyProblem",
     "SAMPLERS",
     "TrialFailed",

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from mpsearch.artifacts import atomic_write_json, provenance, read_json
-from mpsearch.errors import ArtifactError
+from mpsearch.artifacts import atomic_write_json, provenance
 from mpsearch.policy import Policy
 
 FRONT_KIND = "front"
@@ -105,15 +104,57 @@ class Front(list):
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    """True when ``a`` is no worse than ``b`` everywhere and better somewhere (minimisation)."""
+    """True when ``a`` is no worse than ``b`` everywhere and better somewhere (minimisation).
+
+    Example:
+        >>> dominates((1.0, 2.0), (1.0, 3.0)), dominates((1.0, 3.0), (1.0, 3.0))
+        (True, False)
+    """
     return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
 
 
+def _finite_or_inf(v: Any) -> float:
+    """Minimisation value: None and NaN (not measured, not evaluated) count as +inf."""
+    if v is None:
+        return math.inf
+    v = float(v)
+    return math.inf if math.isnan(v) else v
+
+
+def pareto_indices(vectors: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the non-dominated vectors (every coordinate minimised), in input order.
+
+    The one Pareto filter of mpsearch (search, refine, the ILP front, the evo sampler's
+    archive and the plots use it). None and NaN count as +inf, so an unevaluated value never
+    shields a point; equal vectors are all kept.
+
+    Example:
+        >>> pareto_indices([(1, 5), (2, 2), (2, 3), (3, 1), (1, 5)])
+        [0, 1, 3, 4]
+    """
+    vals = [tuple(_finite_or_inf(x) for x in v) for v in vectors]
+    order = sorted(range(len(vals)), key=lambda i: vals[i])
+    keep: list[int] = []
+    kept: list[tuple[float, ...]] = []
+    for i in order:  # lexicographic order: only an earlier vector can dominate a later one
+        v = vals[i]
+        if not any(dominates(k, v) for k in kept):
+            keep.append(i)
+            kept.append(v)
+    return sorted(keep)
+
+
 def pareto(candidates: Iterable[Candidate], objectives: Sequence[str]) -> list[Candidate]:
-    """Non-dominated candidates for ``objectives`` (minimised), one per policy, sorted by the first.
+    """Non-dominated candidates for ``objectives`` (minimised), one per policy, sorted by them.
 
     Duplicates (same policy key) keep their first occurrence; equal objective vectors of
-    different policies are all kept.
+    different policies are all kept; a missing (None/NaN) value counts as +inf.
+
+    Example:
+        >>> a = Candidate(Policy({"l": "fp32"}), 0.0, 10.0, 400, "a")
+        >>> b = Candidate(Policy({"l": "bnb.nf4"}), 1.0, 10.0, 100, "b")
+        >>> [c.source for c in pareto([a, b], ("proxy_loss", "predicted_latency_ms"))]
+        ['a']
     """
     seen: set[str] = set()
     uniq: list[Candidate] = []
@@ -122,8 +163,8 @@ def pareto(candidates: Iterable[Candidate], objectives: Sequence[str]) -> list[C
             seen.add(c.key)
             uniq.append(c)
     vals = [tuple(c.value(o) for o in objectives) for c in uniq]
-    keep = [c for i, c in enumerate(uniq) if not any(dominates(vals[j], vals[i]) for j in range(len(uniq)) if j != i)]
-    return sorted(keep, key=lambda c: tuple(c.value(o) for o in objectives))
+    keep = [uniq[i] for i in pareto_indices(vals)]
+    return sorted(keep, key=lambda c: tuple(_finite_or_inf(c.value(o)) for o in objectives))
 
 
 def write_front(path: str | Path, front: Sequence[Candidate], **header: Any) -> None:
@@ -154,15 +195,9 @@ def read_front(path: str | Path) -> Front:
         >>> front = read_front("front.json")                    # doctest: +SKIP
         >>> front[0].policy, front.meta["budget_ms"]            # doctest: +SKIP
     """
-    doc = read_json(path, kind=FRONT_KIND)
-    cands = doc.get("candidates")
-    if not isinstance(cands, list):
-        raise ArtifactError(f"{path}: field 'candidates' must be a list of candidates")
-    out = []
-    for i, c in enumerate(cands):
-        try:
-            out.append(Candidate.from_dict(c))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"{path}: candidates[{i}] is malformed ({exc})") from None
+    from mpsearch.schemas import FrontFile, read_json_artifact
+
+    doc, _ = read_json_artifact(path, FrontFile)  # the whole file checked: header, failures, candidates
+    out = [Candidate.from_dict(c) for c in doc["candidates"]]
     meta = {k: v for k, v in doc.items() if k not in ("schema", "kind", "candidates", "failures")}
     return Front(out, meta=meta, failures=list(doc.get("failures") or []))

@@ -2,8 +2,11 @@
 
 One binary per (decision, format); one-hot rows (each decision takes exactly one format);
 budget rows ``sum(ms) <= budget_ms - offset`` and/or ``sum(bytes) <= budget - offset``.
-The objective is the summed sensitivity; among policies of equal loss the cheaper one is
-taken (a second, lexicographic solve), so every ILP point is Pareto-optimal. HiGHS runs with
+The optimum is lexicographic: least summed sensitivity; then, among the policies within the
+solver's tolerance of that loss (:func:`loss_tolerance`), least latency; then, among those
+within tolerance of that latency, least memory (a second and third solve, each with the earlier
+objectives capped at optimum + tolerance; ``ilp_front`` on memory swaps the last two). So no
+ILP point is beaten on every objective by a policy that meets the same budgets. HiGHS runs with
 ``mip_rel_gap=0`` and the solution is re-checked in exact arithmetic: it never exceeds the
 budget (a tolerance-level violation tightens the row and solves again).
 
@@ -31,6 +34,11 @@ BYTES_PER_MB = 2**20
 _OBJ_SCALE = 1e3  # largest objective coefficient (HiGHS's absolute MIP gap is 1e-6)
 _ROW_SCALE = 1.0  # largest coefficient of a budget row (the one-hot rows have 1)
 _MAX_TIGHTEN = 8
+#: Tie tolerance, relative to the largest coefficient of an objective: HiGHS's primal feasibility
+#: and integrality tolerances (1e-7, 1e-6 on rows and variables scaled to 1) make values closer
+#: than this indistinguishable to it.
+TIE_RTOL = 1e-6
+_ORDER = {"latency": ("latency", "memory"), "memory": ("memory", "latency")}
 
 
 def solve_ilp(
@@ -134,7 +142,7 @@ def problem_front(
     other_b = budget_bytes if metric == "latency" else None
     cap = budget_ms if metric == "latency" else budget_bytes
     lo = float(cost(lo_idx))  # type: ignore[arg-type]
-    hi_idx = _milp(prob, other_ms, other_b)
+    hi_idx = _milp(prob, other_ms, other_b, order=_ORDER[metric])
     if hi_idx is None:
         raise InfeasibleBudget(_infeasible_message(prob, budget_ms, budget_bytes, joint=True))
     hi = float(cost(hi_idx))  # type: ignore[arg-type]
@@ -147,7 +155,7 @@ def problem_front(
     if n_points is None:
         b = hi
         while len(points) < max_points:
-            idx = _milp(prob, **_with_cost(kw, metric, b))
+            idx = _milp(prob, **_with_cost(kw, metric, b), order=_ORDER[metric])
             if idx is None:
                 break
             points[tuple(idx)] = idx
@@ -160,7 +168,7 @@ def problem_front(
     else:
         for b in np.linspace(lo, hi, max(2, int(n_points))):
             b = float(b) if metric == "latency" else int(math.floor(b))
-            idx = _milp(prob, **_with_cost(kw, metric, b))
+            idx = _milp(prob, **_with_cost(kw, metric, b), order=_ORDER[metric])
             if idx is not None:
                 points[tuple(idx)] = idx
     cands = [candidate_of(prob, idx, "ilp front") for idx in points.values()]
@@ -183,10 +191,54 @@ def _just_below(c: float, metric: str) -> float:
 
 
 # -- the MILP itself ----------------------------------------------------------------------
-def _milp(prob: ProxyProblem, budget_ms: float | None, budget_bytes: float | None) -> list[int] | None:
-    """Exact least-loss choice vector within the budgets, then polished; None if infeasible."""
-    idx = _solve_once(prob, prob.loss_tab, budget_ms, budget_bytes, None)
-    return None if idx is None else polish(prob, idx)
+def loss_tolerance(prob: ProxyProblem) -> float:
+    """Losses closer than this to the optimum are ties for the ILP (``TIE_RTOL`` x the largest score).
+
+    Example:
+        >>> loss_tolerance(prob)      # doctest: +SKIP
+        2e-06
+    """
+    return _tolerance(prob.loss_tab)
+
+
+def _tolerance(tab: Sequence[np.ndarray]) -> float:
+    top = max((float(np.max(np.abs(t))) for t in tab if len(t)), default=0.0)
+    return TIE_RTOL * top if top > 0 else 0.0
+
+
+def _milp(prob: ProxyProblem, budget_ms: float | None, budget_bytes: float | None,
+          order: Sequence[str] = ("latency", "memory")) -> list[int] | None:
+    """Lexicographic optimum within the budgets (loss, then ``order``), polished; None if infeasible.
+
+    Stage ``k`` minimises its objective with every earlier objective capped at the earlier
+    stage's value plus its tolerance; the earlier stage's answer meets those caps, so a stage
+    the solver cannot improve (or that only tolerance-level noise makes infeasible) keeps it.
+    """
+    idx = _solve_once(prob, prob.loss_tab, budget_ms, budget_bytes)
+    if idx is None:
+        return None
+    caps: list[_Cap] = [_Cap(prob.loss(idx) + loss_tolerance(prob), prob.loss_tab, 0.0, prob.loss)]
+    for metric in order:
+        if metric == "latency" and prob.ms_tab is not None:
+            tab, offset, value = prob.ms_tab, prob.ms_offset, prob.latency_ms
+        elif metric == "memory" and prob.bytes_tab is not None:
+            tab, offset, value = prob.bytes_tab, float(prob.bytes_offset), prob.memory_bytes
+        else:
+            continue
+        ftab = [np.asarray(t, dtype=float) for t in tab]
+        if any(len(set(ftab[d].tolist())) > 1 for d in prob.free):  # else every policy costs the same
+            better = _solve_once(prob, ftab, budget_ms, budget_bytes, caps)
+            if better is not None and float(value(better)) <= float(value(idx)):  # type: ignore[arg-type]
+                idx = better
+        caps.append(_Cap(float(value(idx)) + _tolerance(ftab), ftab, offset, value))  # type: ignore[arg-type]
+    return polish(prob, idx)
+
+
+class _Cap:
+    """A row ``offset + sum(tab[d][c]) <= rhs`` whose exact value is ``value(idx)``."""
+
+    def __init__(self, rhs: float, tab: Sequence[np.ndarray], offset: float, value: Any) -> None:
+        self.rhs, self.tab, self.offset, self.value = float(rhs), tab, float(offset), value
 
 
 def polish(prob: ProxyProblem, idx: list[int]) -> list[int]:
@@ -221,7 +273,7 @@ def _solve_once(
     objective: list[np.ndarray],
     budget_ms: float | None,
     budget_bytes: float | None,
-    loss_cap: tuple[float, list[np.ndarray]] | None = None,
+    caps: Sequence[_Cap] = (),
 ) -> list[int] | None:
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import csr_matrix
@@ -231,7 +283,8 @@ def _solve_once(
     fixed = [d for d in range(prob.n) if d not in free_set]
     if not free:
         idx = [0] * prob.n
-        return idx if _fits(prob, idx, budget_ms, budget_bytes) else None
+        ok = _fits(prob, idx, budget_ms, budget_bytes) and all(float(c.value(idx)) <= c.rhs for c in caps)
+        return idx if ok else None
     offsets, cols = [], []
     for d in free:
         offsets.append(len(cols))
@@ -252,10 +305,10 @@ def _solve_once(
         const = prob.bytes_offset + sum(float(prob.bytes_tab[d][0]) for d in fixed)  # type: ignore[index]
         coef = np.concatenate([prob.bytes_tab[d] for d in free]).astype(float)  # type: ignore[index]
         budget_rows.append((coef, const, float(budget_bytes), prob.memory_bytes))
-    if loss_cap is not None:
-        const = sum(float(loss_cap[1][d][0]) for d in fixed)
-        coef = np.concatenate([loss_cap[1][d] for d in free]).astype(float)
-        budget_rows.append((coef, const, float(loss_cap[0]), prob.loss))
+    for cap in caps:
+        const = cap.offset + sum(float(cap.tab[d][0]) for d in fixed)
+        coef = np.concatenate([np.asarray(cap.tab[d], dtype=float) for d in free])
+        budget_rows.append((coef, const, cap.rhs, cap.value))
     slack = [0.0] * len(budget_rows)
     for _attempt in range(_MAX_TIGHTEN):
         A_rows, A_data, A_cols = list(rows), list(data), list(colidx)

@@ -4,7 +4,10 @@ A :class:`ProxyProblem` turns (sensitivity report, latency table, search space, 
 arrays over the space's decisions: for decision ``d`` and its choice ``c``,
 ``loss[d][c]`` is the sum of the sensitivity scores of the decision's layers in that format,
 ``ms[d][c]`` the sum of their measured per-layer latencies and ``bytes[d][c]`` the exact
-weight bytes of those layers in that format (``Format.storage_bytes``). A policy is one choice
+weight bytes those layers add in that format: with the model, from
+:class:`mpsearch.formats.MemoryModel`, the code :func:`mpsearch.formats.policy_memory_bytes` runs
+(each layer's dtype, biases in it, a tied head's shared embedding counted once, shared
+storages once); without it, ``Format.storage_bytes`` of the layer shapes. A policy is one choice
 index per decision; its predicted latency is ``ms_offset + sum(ms)`` where ``ms_offset`` is
 chosen so that the sum agrees with ``LatencyTable.predict`` (checked on two policies: a
 table that does not add up is refused, since the ILP would not be exact for it).
@@ -27,24 +30,6 @@ from mpsearch.policy import Policy
 
 #: Relative tolerance for the additivity check of a latency table.
 _ADDITIVE_RTOL = 1e-6
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """What the proxy needs of a layer (a subset of :class:`mpsearch.models.Layer`)."""
-
-    name: str
-    group: str
-    in_features: int = 0
-    out_features: int = 0
-    bias: bool = False
-    tie: str | None = None
-    depth: int | None = None
-
-    @property
-    def params(self) -> int:
-        """Number of weight (and bias) parameters."""
-        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
 
 
 @dataclass
@@ -72,6 +57,12 @@ class ProxyProblem:
     memory_scope: str = "linear layers"
     meta: dict[str, Any] = field(default_factory=dict)
     lat: Any = field(default=None, repr=False)
+    #: ``(bytes, [(decision, choice of the layer's current format)])`` per storage several
+    #: searched Linear layers share: ``bytes_tab`` counts it once per such layer (an upper
+    #: bound the ILP's budget rows keep), :meth:`memory_bytes` once (exact).
+    shared: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
+    space: Any = field(default=None, repr=False)
+    layers: list[Any] = field(default_factory=list, repr=False)
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -85,11 +76,11 @@ class ProxyProblem:
     ) -> "ProxyProblem":
         """Arrays for ``layers`` under ``space`` from a SensitivityReport and a LatencyTable.
 
-        ``lat`` may be None (memory-only search). ``model``, when given, adds the bytes of
-        everything that is not a searched Linear layer (embeddings, norms, ...) so that memory
-        is the model's weight memory (``policy_memory_bytes``); without it memory counts the
-        Linear layers only. Missing scores or timings raise :class:`MpsError` naming the layer
-        and format.
+        ``lat`` may be None (memory-only search). ``model``, when given, makes memory the
+        model's exact weight memory (:func:`mpsearch.formats.policy_memory_bytes`, the same
+        :class:`mpsearch.formats.MemoryModel`); without it memory counts the Linear layers'
+        ``storage_bytes`` (fp32) only. Missing scores or timings raise :class:`MpsError` naming
+        the layer and format.
         """
         layers = list(layers)
         if not layers:
@@ -102,7 +93,23 @@ class ProxyProblem:
         if lat is not None:
             ms_tab = [_decision_array(d, lambda n, f: _timing(lat, n, f)) for d in decisions]
         bytes_tab = None
-        if all(int(getattr(l, "in_features", 0) or 0) > 0 for l in layers):
+        mm = None
+        shared: list[tuple[int, list[tuple[int, int]]]] = []
+        if model is not None:
+            from mpsearch.formats import MemoryModel
+
+            mm = MemoryModel(model)
+            missing = [n for n in by_name if n not in mm.slots]
+            if missing:
+                raise MpsError(f"layer {missing[0]!r} is not a Linear layer of the model given ({len(missing)} such layers)")
+            bytes_tab = [_decision_array(d, lambda n, f: float(mm.layer_bytes(n, f)), dtype=np.int64) for d in decisions]
+            where = {n: i for i, d in enumerate(decisions) for n in d.layers}
+            for nbytes, names in mm.shared():
+                members = [(where[n], decisions[where[n]].choices.index(mm.format_of(n)))
+                           for n in names if n in where and mm.format_of(n) in decisions[where[n]].choices]
+                if len(members) > 1:
+                    shared.append((nbytes, members))
+        elif all(int(getattr(l, "in_features", 0) or 0) > 0 for l in layers):
             bytes_tab = [_decision_array(d, lambda n, f: float(_storage_bytes(by_name[n], f)), dtype=np.int64) for d in decisions]
         prob = cls(
             decisions=decisions,
@@ -110,15 +117,23 @@ class ProxyProblem:
             loss_tab=loss_tab,
             ms_tab=ms_tab,
             bytes_tab=bytes_tab,
-            default=_majority_default(space),
+            default=default_format(space),
             space_name=str(getattr(space, "name", "")),
+            shared=shared,
+            space=space,
+            layers=layers,
         )
         if lat is not None:
             prob.ms_offset = prob._calibrate_latency(lat)
             prob.lat = lat
-        if model is not None and bytes_tab is not None:
-            prob.bytes_offset = prob._calibrate_memory(model)
+        if mm is not None:
+            # everything outside the searched layers: non-Linear tensors, and Linear layers the
+            # search does not set, in the policies' default (what apply_policy gives them)
+            rest = [n for n in mm.slots if n not in by_name]
+            prob.bytes_offset = mm.base_bytes + sum(mm.layer_bytes(n, prob.default) for n in rest)
             prob.memory_scope = "model"
+            if rest and mm.shared():
+                prob.bytes_offset = int(mm.total(prob.policy(prob.largest()))) - prob._table_bytes(prob.largest())
         return prob
 
     # -- sizes --------------------------------------------------------------------------
@@ -158,10 +173,20 @@ class ProxyProblem:
         return float(self.ms_offset + sum(self.ms_tab[d][c] for d, c in enumerate(idx)))
 
     def memory_bytes(self, idx: Sequence[int]) -> int | None:
-        """Exact weight bytes (None when layer shapes are unknown)."""
+        """Exact weight bytes (None when layer shapes are unknown): ``policy_memory_bytes`` of the policy."""
         if self.bytes_tab is None:
             return None
-        return int(self.bytes_offset + sum(int(self.bytes_tab[d][c]) for d, c in enumerate(idx)))
+        return self._table_bytes(idx) - self._shared_excess(idx)
+
+    def _table_bytes(self, idx: Sequence[int]) -> int:
+        return int(self.bytes_offset + sum(int(self.bytes_tab[d][c]) for d, c in enumerate(idx)))  # type: ignore[index]
+
+    def _shared_excess(self, idx: Sequence[int]) -> int:
+        out = 0
+        for nbytes, members in self.shared:
+            kept = sum(1 for d, c in members if idx[d] == c)
+            out += nbytes * max(kept - 1, 0)
+        return out
 
     def evaluate(self, idx: Sequence[int]) -> tuple[float, float | None, int | None]:
         """``(loss, latency_ms or None, memory_bytes or None)`` of a policy."""
@@ -194,18 +219,19 @@ class ProxyProblem:
         return [int(np.argmax(self.bytes_tab[d])) for d in range(self.n)]
 
     def uniform(self, fmt: str) -> list[int] | None:
-        """Every decision in ``fmt`` where it may take it (pins and others keep their first choice).
+        """The choice vector of ``SearchSpace.uniform_policies``' policy for ``fmt``.
 
-        None when no free decision can take ``fmt``.
+        ``fmt`` wherever a decision may take it, others their first choice; None when no free
+        decision can take ``fmt``.
         """
-        idx, hit = [], False
-        for d in self.decisions:
-            if fmt in d.choices:
-                idx.append(d.choices.index(fmt))
-                hit = hit or len(d.choices) > 1
-            else:
-                idx.append(0)
-        return idx if hit else None
+        if not any(fmt in self.decisions[d].choices for d in self.free):
+            return None
+        if self.space is not None and hasattr(self.space, "uniform_policies") and self.layers:
+            for p in self.space.uniform_policies(self.layers):
+                if p.meta.get("format") == fmt:
+                    return self.indices(p)
+            return None
+        return [d.choices.index(fmt) if fmt in d.choices else 0 for d in self.decisions]
 
     # -- conversions --------------------------------------------------------------------
     def policy(self, idx: Sequence[int], **meta: Any) -> Policy:
@@ -276,13 +302,6 @@ class ProxyProblem:
             )
         return offset
 
-    def _calibrate_memory(self, model: Any) -> int:
-        from mpsearch.formats import policy_memory_bytes
-
-        base = self.largest()
-        raw = int(sum(int(self.bytes_tab[d][c]) for d, c in enumerate(base)))  # type: ignore[index]
-        return int(policy_memory_bytes(model, self.policy(base))) - raw
-
 
 def _decision_array(decision: Any, value: Any, dtype: Any = np.float64) -> np.ndarray:
     return np.array([sum(value(n, f) for n in decision.layers) for f in decision.choices], dtype=dtype)
@@ -330,7 +349,10 @@ def _storage_bytes(layer: Any, fmt: str) -> int:
     return int(get_format(fmt).storage_bytes(int(layer.in_features), int(layer.out_features), bool(layer.bias)))
 
 
-def _majority_default(space: Any) -> str:
+def default_format(space: Any) -> str:
+    """The ``default`` of every policy the search makes: ``SearchSpace.default_format`` (one key per assignment)."""
+    if hasattr(space, "default_format"):
+        return str(space.default_format)
     fmts = space.formats() if hasattr(space, "formats") else []
     return fmts[0] if fmts else "bf16"
 
@@ -360,13 +382,20 @@ def summarize_formats(formats: Mapping[str, str], max_names: int = 3) -> str:
     return f"all {major} except " + "; ".join(parts)
 
 
-def layer_infos_from(items: Iterable[Any]) -> list[LayerInfo]:
-    """LayerInfo list from Layer objects or dicts (``name``, ``group``, shapes optional)."""
+def layers_from(items: Iterable[Any]) -> list[Any]:
+    """:class:`mpsearch.models.Layer` list from Layer objects or dicts (``name``, ``group``, shapes optional).
+
+    Example:
+        >>> [l.name for l in layers_from([{"name": "fc", "group": "language"}])]
+        ['fc']
+    """
+    from mpsearch.models import Layer
+
     out = []
     for it in items:
         if isinstance(it, Mapping):
             out.append(
-                LayerInfo(
+                Layer(
                     name=str(it["name"]),
                     group=str(it["group"]),
                     in_features=int(it.get("in_features") or 0),

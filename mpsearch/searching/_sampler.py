@@ -38,6 +38,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from mpsearch.searching._front import dominates
 from mpsearch.searching._proxy import ProxyProblem
 
 
@@ -329,5 +330,4 @@ class _Pop:
         self.archive.append(item)
 
 
-def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+_dominates = dominates  # the shared Pareto rule of mpsearch.searching._front

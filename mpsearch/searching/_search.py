@@ -24,7 +24,7 @@ import optuna
 from mpsearch.errors import MpsError
 from mpsearch.searching._front import Candidate, Front, pareto
 from mpsearch.searching._ilp import BYTES_PER_MB, _check_budgets, _mb_to_bytes, candidate_of, problem_front, solve_problem
-from mpsearch.searching._proxy import LayerInfo, ProxyProblem, layer_infos_from
+from mpsearch.searching._proxy import ProxyProblem, layers_from
 from mpsearch.searching._sampler import BudgetSampler
 from mpsearch.searching._study import (
     TrialOutcome,
@@ -50,19 +50,19 @@ def resolve_layers(layers: Sequence[Any] | None, model: Any, sens: Any) -> list[
     memory needs layer shapes, i.e. the model.
     """
     if layers is not None:
-        return layer_infos_from(layers)
+        return layers_from(layers)
     if model is not None:
         from mpsearch.models import discover_layers
 
         return list(discover_layers(model))
     meta = getattr(sens, "meta", None) or {}
     if meta.get("layers"):
-        return layer_infos_from(meta["layers"])
+        return layers_from(meta["layers"])
     groups = meta.get("groups")
     if isinstance(groups, Mapping) and groups:
         scores = getattr(sens, "scores", {}) or {}
         order = list(scores) or list(groups)
-        return [LayerInfo(name=str(n), group=str(groups[n])) for n in order if n in groups]
+        return layers_from({"name": str(n), "group": str(groups[n])} for n in order if n in groups)
     raise MpsError("the layers to search are unknown: pass the model (--model) or a sensitivity report that lists its layers (meta.groups)")
 
 
@@ -298,12 +298,11 @@ def _seeds(prob: ProxyProblem, ilp: Candidate, pts: list[Candidate], space: Any)
         if c.key not in seen:
             seen.add(c.key)
             out.append(c)
-    fmts = space.formats() if hasattr(space, "formats") else []
-    for f in fmts:
-        idx = prob.uniform(f)
-        if idx is None:
-            continue
-        c = candidate_of(prob, idx, f"uniform {f}")
+    for p in space.uniform_policies(prob.layers):
+        idx = prob.indices(p)
+        if not any(len(prob.decisions[d].choices) > 1 and prob.decisions[d].choices[idx[d]] == p.meta["format"] for d in prob.free):
+            continue  # no free decision takes this format: nothing uniform about it
+        c = candidate_of(prob, idx, str(p.label))
         if c.key not in seen:
             seen.add(c.key)
             out.append(c)

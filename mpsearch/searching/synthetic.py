@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mpsearch.searching._proxy import LayerInfo
+from mpsearch.models import Layer
 
 #: (format, relative latency, relative error) of the default 4-format instance (GPU-like).
 DEFAULT_FORMATS: tuple[tuple[str, float, float], ...] = (
@@ -33,7 +33,7 @@ DEFAULT_FORMATS: tuple[tuple[str, float, float], ...] = (
 class SyntheticInstance:
     """Layers, a search space, a sensitivity report and a latency table."""
 
-    layers: list[LayerInfo]
+    layers: list[Layer]
     space: object
     sens: object
     lat: object
@@ -61,23 +61,23 @@ def synthetic_instance(
     from mpsearch.space import SearchSpace
 
     rng = np.random.default_rng(seed)
-    layers: list[LayerInfo] = []
+    layers: list[Layer] = []
     for b in range(vision_blocks):
         p = f"vision.layers.{b}"
         for leaf, i, o in (("q_proj", vision_hidden, vision_hidden), ("k_proj", vision_hidden, vision_hidden),
                            ("v_proj", vision_hidden, vision_hidden), ("out_proj", vision_hidden, vision_hidden),
                            ("fc1", vision_hidden, 4 * vision_hidden), ("fc2", 4 * vision_hidden, vision_hidden)):
-            layers.append(LayerInfo(f"{p}.{leaf}", "vision", i, o, True, depth=b))
-    layers.append(LayerInfo("projector.linear_1", "projector", vision_hidden, hidden, True))
-    layers.append(LayerInfo("projector.linear_2", "projector", hidden, hidden, True))
+            layers.append(Layer(f"{p}.{leaf}", "vision", i, o, True, depth=b))
+    layers.append(Layer("projector.linear_1", "projector", vision_hidden, hidden, True))
+    layers.append(Layer("projector.linear_2", "projector", hidden, hidden, True))
     for b in range(n_blocks):
         p = f"language.layers.{b}"
         for leaf, i, o in (("self_attn.q_proj", hidden, hidden), ("self_attn.k_proj", hidden, hidden // 4),
                            ("self_attn.v_proj", hidden, hidden // 4), ("self_attn.o_proj", hidden, hidden),
                            ("mlp.gate_proj", hidden, 3 * hidden), ("mlp.up_proj", hidden, 3 * hidden),
                            ("mlp.down_proj", 3 * hidden, hidden)):
-            layers.append(LayerInfo(f"{p}.{leaf}", "language", i, o, False, depth=b))
-    layers.append(LayerInfo("lm_head", "head", hidden, 32000, False))
+            layers.append(Layer(f"{p}.{leaf}", "language", i, o, False, depth=b))
+    layers.append(Layer("lm_head", "head", hidden, 32000, False))
 
     names = [f for f, _, _ in formats]
     speed = {f: s for f, s, _ in formats}

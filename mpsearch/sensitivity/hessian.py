@@ -21,6 +21,19 @@ Two ways to get ``Hv``:
 
 Sums of ``v . Hv`` are accumulated in fp32 whatever the model's dtype.
 
+**Scoring with a trace** (:func:`scoring_traces`). The Hessian of a real loss is not positive
+semi-definite and a few probes are noisy, so an estimate can be negative or indistinguishable
+from zero. Clipping it to 0 (as before) made such a layer *free* to quantize: the ILP gave it
+the lowest bits. A layer is scored with its estimate only when the interval
+``mean +- z * stderr`` (``z = TRACE_Z = 2``) lies above zero; otherwise with the upper end of
+what the probes cannot rule out, ``|mean| + z * stderr`` (``|mean|`` with one probe, where
+there is no interval). That is non-negative, costs no extra probe (the profile stays a fixed
+number of gradients per probe, flat in the number of layers), is never smaller than the
+clipped estimate, and shrinks to the estimate as probes are added (``n_probes``/``tol``).
+Alternatives weighed: more probes until every interval excludes zero (unbounded cost on
+layers whose trace is near zero; the cost goal is 3 gradients per probe), the Gauss-Newton /
+Fisher diagonal (one backward per sample: a different method, ``method="fisher"``).
+
 Example:
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
@@ -71,6 +84,47 @@ class TraceEstimate:
     def rel_stderr(self, name: str) -> float:
         """Standard error relative to the estimate (0 when both are 0, inf when only the mean is)."""
         return _rel(self.mean[name], self.stderr[name])
+
+
+#: Half-width of the interval ``mean +- TRACE_Z * stderr`` that must lie above zero for an
+#: estimate to be scored as it is (see :func:`scoring_traces`).
+TRACE_Z = 2.0
+#: What :func:`scoring_traces` did to a layer whose interval contains zero (or lies below it).
+UNCERTAIN_ACTION = "scored with |mean| + 2 SE (the interval mean +- 2 SE does not exclude zero)"
+
+
+def scoring_traces(est: TraceEstimate, z: float = TRACE_Z) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Non-negative traces to score layers with, and the layers whose interval does not exclude zero.
+
+    A live layer whose interval ``mean +- z * stderr`` lies above zero keeps its mean; any
+    other live layer gets ``|mean| + z * stderr`` (``|mean|`` when the standard error is
+    unknown: one probe) and is listed with ``{"mean", "stderr", "used"}``. Dead layers (no
+    gradient) keep 0. See the module docstring for why.
+
+    Example:
+        >>> est = TraceEstimate(mean={"a": 4.0, "b": -0.5}, stderr={"a": 0.5, "b": 1.0}, n_probes=4, method="hvp")
+        >>> used, flagged = scoring_traces(est)
+        >>> used, sorted(flagged)
+        ({'a': 4.0, 'b': 2.5}, ['b'])
+    """
+    used: dict[str, float] = {}
+    flagged: dict[str, dict[str, float]] = {}
+    dead = set(est.dead)
+    for name, m in est.mean.items():
+        se = est.stderr.get(name, math.nan)
+        if name in dead:
+            used[name] = 0.0
+            continue
+        if math.isfinite(se) and m - z * se > 0:
+            used[name] = float(m)
+            continue
+        if m > 0 and not math.isfinite(se):  # one probe, positive: nothing says it is wrong
+            used[name] = float(m)
+            continue
+        u = abs(m) + (z * se if math.isfinite(se) else 0.0)
+        used[name] = float(u)
+        flagged[name] = {"mean": float(m), "stderr": float(se), "used": float(u)}
+    return used, flagged
 
 
 def hessian_traces(

@@ -114,8 +114,8 @@ def kl_scores(
                     set_module(model, n, m)
             del swapped
             measured[f"{d.key}|{fmt}"] = kl
-            for n in d.layers:
-                scores[n][fmt] = kl / len(d.layers)
+            for n in d.layers:  # float64 rounding can leave a KL of ~-1e-17: a score is >= 0
+                scores[n][fmt] = max(kl, 0.0) / len(d.layers)
             bar.update(1)
     bar.close()
     return scores, measured

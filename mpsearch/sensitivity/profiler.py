@@ -3,8 +3,9 @@
 =============  ===========================================================  ==========================
 method         score of layer ``l`` in format ``f``                         cost
 =============  ===========================================================  ==========================
-``hessian``    ``max(tr(H_l), 0) / n_l * ||Q_f(W_l) - W_l||^2`` (HAWQ-V2/   probes x one Hessian-vector
-               V3; Hutchinson trace, all layers per probe)                  product over the data
+``hessian``    ``t_l / n_l * ||Q_f(W_l) - W_l||^2`` (HAWQ-V2/V3; ``t_l``    probes x one Hessian-vector
+               the Hutchinson trace, all layers per probe, or |tr| + 2 SE   product over the data
+               where its interval does not exclude 0: scoring_traces)
 ``fisher``     ``sum(F_l * (Q_f(W_l) - W_l)^2)``, ``F`` the empirical        one backward per sample
                Fisher diagonal
 ``activation`` ``tr(D X^T X D^T) / n_tokens``, ``D = W_l - Q_f(W_l)``        forward passes only
@@ -36,7 +37,7 @@ from mpsearch.sensitivity.activation import MAX_GRAM_MB, activation_score, input
 from mpsearch.sensitivity.calib import (answer_loss, calibration_batches, model_device, model_dtype, n_answer_tokens,
                                         unreached)
 from mpsearch.sensitivity.fisher import fisher_diagonal, fisher_score
-from mpsearch.sensitivity.hessian import hutchinson
+from mpsearch.sensitivity.hessian import UNCERTAIN_ACTION, hutchinson, scoring_traces
 from mpsearch.sensitivity.kl import kl_scores, reference_logits
 from mpsearch.sensitivity.report import DEAD_REASON, SensitivityReport
 
@@ -188,13 +189,19 @@ def _hessian(model: nn.Module, batches: Sequence[Mapping[str, Any]], modules: Ma
                  "tol": tol, "fd_eps": est.eps, "trace": est.mean, "trace_stderr": est.stderr,
                  "hessian_seconds": round(est.seconds, 3)})
 
-    # A negative trace (not at a minimum, or probe noise) would make quantizing look like a
-    # gain to an additive search: such layers score 0 and are listed in meta["negative_trace"].
-    meta["negative_trace"] = [n for n, t in est.mean.items() if t < 0]
+    # A trace whose interval contains zero (probe noise, or not at a minimum) is not a free
+    # layer: it is scored with what the probes cannot rule out (hessian.scoring_traces) and
+    # listed in meta["uncertain_trace"] with what was done; meta["negative_trace"] lists the
+    # negative estimates among them.
+    used, flagged = scoring_traces(est)
+    meta["trace_used"] = used
+    meta["uncertain_trace"] = flagged
+    meta["uncertain_trace_action"] = UNCERTAIN_ACTION
+    meta["negative_trace"] = [n for n, t in est.mean.items() if t < 0 and n not in est.dead]
 
     def score(name: str, w: torch.Tensor, q: torch.Tensor) -> float:
         d = q.to(device=w.device, dtype=torch.float32) - w.detach().float()
-        return max(est.mean[name], 0.0) / w.numel() * float(d.pow(2).sum())
+        return used[name] / w.numel() * float(d.pow(2).sum())
 
     return _per_format(modules, candidates, score), est.dead
 

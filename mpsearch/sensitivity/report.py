@@ -23,8 +23,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from mpsearch.artifacts import atomic_write_json, provenance as _provenance, read_json
-from mpsearch.errors import ArtifactError, MpsError
+from mpsearch.artifacts import atomic_write_json, provenance as _provenance
+from mpsearch.errors import MpsError
 
 KIND = "sensitivity"
 GROUPS = ("vision", "projector", "language", "head")
@@ -52,17 +52,10 @@ class SensitivityReport:
     provenance: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.scores, Mapping):
-            raise MpsError(f"SensitivityReport: scores must map layer -> {{format: float}}, got {type(self.scores).__name__}")
-        clean: dict[str, dict[str, float]] = {}
-        for layer, per in self.scores.items():
-            if not isinstance(per, Mapping):
-                raise MpsError(f"SensitivityReport: scores[{layer!r}] must map format -> float, got {type(per).__name__}")
-            try:
-                clean[str(layer)] = {str(f): float(v) for f, v in per.items()}
-            except (TypeError, ValueError):
-                raise MpsError(f"SensitivityReport: scores[{layer!r}] has a non-numeric score: {dict(per)!r}") from None
-        self.scores = clean
+        from mpsearch.schemas import SensitivityValues, validate_object
+
+        valid = validate_object(SensitivityValues, {"scores": self.scores, "meta": self.meta or {}}, "SensitivityReport")
+        self.scores = {layer: dict(per) for layer, per in valid.scores.items()}
         self.meta = dict(self.meta or {})
 
     # -- queries ------------------------------------------------------------------------
@@ -173,13 +166,34 @@ class SensitivityReport:
             lines.append("  most sensitive (largest score over formats):  " + ", ".join(f"{n} ({s:.3g})" for n, s in rank[:top]))
             live = [kv for kv in rank if kv[0] not in set(self.dead)]
             lines.append("  least sensitive (largest score over formats): " + ", ".join(f"{n} ({s:.3g})" for n, s in live[::-1][:top]))
-        neg = self.meta.get("negative_trace") or []
-        if neg:
-            lines.append(f"  {len(neg)} layer(s) with a negative Hessian trace estimate, scored 0: " + ", ".join(neg[:top])
-                         + (" ..." if len(neg) > top else ""))
+        lines += self.uncertain_lines(top)
         if self.dead:
             lines.append(f"  {len(self.dead)} layer(s) {DEAD_REASON} (score 0, still cost latency): " + ", ".join(self.dead))
         return "\n".join(lines)
+
+    def uncertain_lines(self, top: int = 5) -> list[str]:
+        """Lines naming the layers whose Hessian trace interval did not exclude zero, and what was done.
+
+        Example:
+            >>> r = SensitivityReport({"a": {"fp32": 0.0}}, method="hessian", meta={"uncertain_trace":
+            ...     {"a": {"mean": -0.5, "stderr": 1.0, "used": 2.5}}, "uncertain_trace_action": "scored with |mean| + 2 SE"})
+            >>> r.uncertain_lines()[0]
+            '  1 layer(s) whose Hessian trace interval contains zero, scored with |mean| + 2 SE:'
+        """
+        flagged = self.meta.get("uncertain_trace") or {}
+        if not flagged:
+            neg = self.meta.get("negative_trace") or []  # reports written before uncertain_trace
+            if not neg:
+                return []
+            return [f"  {len(neg)} layer(s) with a negative Hessian trace estimate, scored 0: " + ", ".join(neg[:top])
+                    + (" ..." if len(neg) > top else "")]
+        action = self.meta.get("uncertain_trace_action") or "scored with |mean| + 2 SE"
+        out = [f"  {len(flagged)} layer(s) whose Hessian trace interval contains zero, {action}:"]
+        for name, d in list(flagged.items())[:top]:
+            out.append(f"    {name}: trace {float(d['mean']):.3g} +- {float(d['stderr']):.2g} (SE) -> {float(d['used']):.3g}")
+        if len(flagged) > top:
+            out.append(f"    ... and {len(flagged) - top} more (meta.uncertain_trace)")
+        return out
 
     # -- files --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -197,22 +211,19 @@ class SensitivityReport:
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any], where: str = "sensitivity report") -> "SensitivityReport":
         """Inverse of :meth:`to_dict`; ArtifactError for another kind or schema."""
-        from mpsearch.artifacts import check_header
+        from mpsearch.schemas import SensitivityFile, validate
 
-        check_header(obj, where, KIND)
-        scores = obj.get("scores")
-        if not isinstance(scores, Mapping):
-            raise ArtifactError(f"{where}: field 'scores' must map layer -> {{format: float}}")
-        try:
-            return cls(scores=dict(scores), method=str(obj.get("method") or ""), meta=dict(obj.get("meta") or {}),
-                       provenance=dict(obj.get("provenance") or {}))
-        except MpsError as exc:
-            raise ArtifactError(f"{where}: {exc}") from None
+        validate(SensitivityFile, obj, where)
+        return cls(scores=dict(obj["scores"]), method=str(obj.get("method") or ""), meta=dict(obj.get("meta") or {}),
+                   provenance=dict(obj.get("provenance") or {}))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> "SensitivityReport":
         """Read a report written by :meth:`to_json`; refuses other kinds and schemas (ArtifactError)."""
-        return cls.from_dict(read_json(path, kind=KIND), where=str(path))
+        from mpsearch.schemas import SensitivityFile, read_json_artifact
+
+        obj, _ = read_json_artifact(path, SensitivityFile)
+        return cls.from_dict(obj, where=str(path))
 
 
 def spearman(a: SensitivityReport, b: SensitivityReport, fmt: str | None = None,

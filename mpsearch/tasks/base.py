@@ -120,6 +120,8 @@ class Question:
     question_type: str
     options: list[str]
     answer: str | list[str] | None
+    #: what the question tests, where the benchmark says (the synthetic set: perception / reasoning)
+    skill: str | None = None
 
     @property
     def is_multiple_choice(self) -> bool:
@@ -271,7 +273,9 @@ def question_of(row: Mapping[str, Any], where: str) -> Question:
                            f"question_type, image_1..image_7)")
     qtype = str(row["question_type"])
     opts = _parse_options(row.get("options", "[]"), where)
-    return Question(str(row.get("id", "")), str(row.get("subject") or ""), qtype, opts, parse_answer(row["answer"]))
+    skill = row.get("skill")
+    return Question(str(row.get("id", "")), str(row.get("subject") or ""), qtype, opts, parse_answer(row["answer"]),
+                    str(skill) if skill else None)
 
 
 def interleave_by_subject(subjects: Sequence[str]) -> list[int]:
