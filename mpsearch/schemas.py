@@ -101,35 +101,27 @@ def _known_format(name: str) -> str:
     return name
 
 
-def _number(value: Any) -> float:
+def _number(value: Any, expected: str) -> float:
     """A real number (not a bool, not a string) as a float; anything else is refused."""
     if isinstance(value, bool) or isinstance(value, (str, bytes)):
-        raise _fail(f"must be a finite number >= 0, got {_short(value)} (non-numeric)")
+        raise _fail(f"must be {expected}, got {_short(value)} (non-numeric)")
     if isinstance(value, numbers.Real):
         return float(value)
     try:  # numpy / torch scalars handed over from Python
         return float(value)
     except (TypeError, ValueError):
-        raise _fail(f"must be a finite number >= 0, got {_short(value)} (non-numeric)") from None
+        raise _fail(f"must be {expected}, got {_short(value)} (non-numeric)") from None
 
 
 def _non_negative_finite(value: Any) -> float:
-    x = _number(value)
+    x = _number(value, "a finite number >= 0")
     if not math.isfinite(x) or x < 0:
         raise _fail(f"must be a finite number >= 0, got {x!r}")
     return x
 
 
 def _finite(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        try:
-            if isinstance(value, (str, bytes)):
-                raise TypeError
-            x = float(value)
-        except (TypeError, ValueError):
-            raise _fail(f"must be a finite number, got {_short(value)} (non-numeric)") from None
-    else:
-        x = float(value)
+    x = _number(value, "a finite number")
     if not math.isfinite(x):
         raise _fail(f"must be a finite number, got {x!r}")
     return x
@@ -137,7 +129,7 @@ def _finite(value: Any) -> float:
 
 def _unknown_or_non_negative(value: Any) -> float:
     """A non-negative finite number, or NaN (how fronts write an unknown proxy loss)."""
-    x = _number(value)
+    x = _number(value, "a finite number >= 0 (or NaN: unknown)")
     if math.isnan(x):
         return x
     if math.isinf(x) or x < 0:
@@ -146,7 +138,7 @@ def _unknown_or_non_negative(value: Any) -> float:
 
 
 def _share(value: Any) -> float:
-    x = _number(value)
+    x = _number(value, "a number in [0, 1]")
     if not (math.isfinite(x) and 0.0 <= x <= 1.0):
         raise _fail(f"must be a number in [0, 1], got {x!r}")
     return x
@@ -856,8 +848,10 @@ def read_json_artifact(path: str | Path, model: type[M]) -> tuple[dict[str, Any]
     try:
         text = p.read_text(encoding="utf-8")
         obj = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{p}: not valid JSON ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{p}: not valid JSON (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ArtifactError(f"{p}: cannot be read ({exc.strerror or exc})") from None
     if not isinstance(obj, dict):

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 from mpsearch._yaml import load_yaml
 from mpsearch.errors import ArtifactError, MpsError
 
-GROUPS = ("vision", "projector", "language", "head")
+from mpsearch.models.groups import GROUPS  # noqa: E402 - the one place for the group names
 SPACES_DIR = Path(__file__).parent / "search_spaces"
 
 

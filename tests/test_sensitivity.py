@@ -392,28 +392,32 @@ def test_hessian_profile_score_formula(toy):
 
 
 def test_a_trace_whose_interval_contains_zero_is_not_free():
-    """An indefinite Hessian block of trace exactly 0 (loss z1^2 - z2^2 of z = W x): the noisy
-    estimate is scored with |mean| + 2 SE, never 0, and the report lists the layer."""
+    """A concave layer (negative trace) and an indefinite one of trace exactly 0 (z1^2 - z2^2):
+    neither is scored 0; the first is listed with |mean| + 2 SE; the report names it."""
     from mpsearch.sensitivity import SensitivityReport
     from mpsearch.sensitivity.hessian import UNCERTAIN_ACTION, hutchinson, scoring_traces
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 1, bias=False))
+    net = nn.ModuleDict({"saddle": nn.Linear(4, 2, bias=False), "concave": nn.Linear(4, 1, bias=False),
+                         "convex": nn.Linear(4, 1, bias=False)})
     x = torch.randn(16, 4)
 
     def loss():
-        z = net[0](x)
-        return (z[:, 0] ** 2 - z[:, 1] ** 2).mean() + net[1](z.tanh()).pow(2).mean()
+        z = net["saddle"](x)
+        return (z[:, 0] ** 2 - z[:, 1] ** 2).mean() - net["concave"](x).pow(2).mean() + net["convex"](x).pow(2).mean()
 
-    est = hutchinson(net, loss, {"saddle": net[0], "head": net[1]}, n_probes=8, seed=1)
+    est = hutchinson(net, loss, dict(net.items()), n_probes=8, seed=1)
     used, flagged = scoring_traces(est)
-    assert "saddle" in flagged and used["saddle"] > 0
-    assert used["saddle"] == pytest.approx(abs(est.mean["saddle"]) + 2 * est.stderr["saddle"])
-    assert all(v >= max(est.mean[n], 0.0) for n, v in used.items())
-    r = SensitivityReport({"saddle": {"fp32": 0.0}, "head": {"fp32": 0.0}}, method="hessian",
+    assert est.mean["concave"] < 0 and "concave" in flagged and "convex" not in flagged
+    assert used["concave"] == pytest.approx(abs(est.mean["concave"]) + 2 * est.stderr["concave"]) and used["concave"] > 0
+    assert used["convex"] == est.mean["convex"] > 0
+    assert all(v >= max(est.mean[n], 0.0) for n, v in used.items()) and used["saddle"] > 0
+    one, flagged1 = scoring_traces(hutchinson(net, loss, dict(net.items()), n_probes=1, seed=1))
+    assert one["concave"] > 0 and "concave" in flagged1  # one probe: no interval, |mean|
+    r = SensitivityReport({n: {"fp32": 0.0} for n in net}, method="hessian",
                           meta={"uncertain_trace": flagged, "uncertain_trace_action": UNCERTAIN_ACTION})
     text = r.summary_text()
-    assert "saddle" in text and "interval contains zero" in text and "|mean| + 2 SE" in text
+    assert "concave" in text and "interval contains zero" in text and "|mean| + 2 SE" in text
 
 
 # --------------------------------------------------------------------------- the report

@@ -2,7 +2,7 @@
 
 A format is a named way to run one ``nn.Linear``: ``fp32``, ``bf16``, ``fp16`` (casts),
 ``bnb.int8``, ``bnb.nf4``, ``bnb.fp4`` (bitsandbytes), ``torch.int8dyn`` (PyTorch dynamic
-int8, CPU), ``rtn.int4``, ``rtn.int3``, ``rtn.int2`` (mpsearch's group-wise round-to-nearest)
+int8, CPU), ``torch.int8wo``, ``torch.int4wo`` (PyTorch's CPU weight-only kernels), ``rtn.int4``, ``rtn.int3``, ``rtn.int2`` (mpsearch's group-wise round-to-nearest)
 and ``ao.int8wo``, ``ao.int4wo``, ``ao.fp8`` (torchao, optional extra). A new backend
 subclasses :class:`Format` in its own module and calls :func:`register_format`.
 
@@ -41,6 +41,7 @@ from mpsearch.formats.torch_dyn import TorchDynamicInt8Format
 from mpsearch.formats.rtn import RTNFormat, RTNLinear
 from mpsearch.formats.ao import AoFormat
 from mpsearch.formats.rtn_sym import SymRTNFormat, SymRTNLinear
+from mpsearch.formats.torch_wo import Int4WeightOnlyLinear, Int8WeightOnlyLinear, TorchWeightOnlyFormat
 from mpsearch.formats.apply import (
     AppliedReport,
     Change,
@@ -54,11 +55,9 @@ from mpsearch.formats.apply import (
 
 def _register_with_models() -> None:
     """Let :func:`mpsearch.models.discover_layers` list swapped layers as linear layers."""
-    from mpsearch import models
+    from mpsearch.models import register_quantized_module
 
-    extra = getattr(models, "_EXTRA_LINEAR_TYPES", None)
-    if isinstance(extra, list) and QuantizedLinear not in extra:
-        extra.append(QuantizedLinear)
+    register_quantized_module(QuantizedLinear)
 
 
 _register_with_models()
@@ -73,6 +72,8 @@ __all__ = [
     "DTYPE_FORMATS",
     "FORMATS",
     "Format",
+    "Int4WeightOnlyLinear",
+    "Int8WeightOnlyLinear",
     "MemoryModel",
     "ModuleBank",
     "QuantizedLinear",
@@ -81,6 +82,7 @@ __all__ = [
     "SymRTNFormat",
     "SymRTNLinear",
     "TorchDynamicInt8Format",
+    "TorchWeightOnlyFormat",
     "apply_policy",
     "available_formats",
     "current_formats",

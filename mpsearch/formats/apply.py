@@ -56,9 +56,9 @@ def _unswappable_parents() -> tuple[type, ...]:
 
     The same rule as :func:`mpsearch.models.discover_layers`, so both see the same universe.
     """
-    from mpsearch import models
+    from mpsearch.models import UNSWAPPABLE_PARENTS
 
-    return tuple(getattr(models, "_UNSWAPPABLE_PARENTS", (nn.MultiheadAttention,)))
+    return tuple(UNSWAPPABLE_PARENTS)
 
 
 def _all_slots(model: nn.Module) -> dict[str, _Slot]:

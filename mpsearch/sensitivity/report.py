@@ -27,7 +27,7 @@ from mpsearch.artifacts import atomic_write_json, provenance as _provenance
 from mpsearch.errors import MpsError
 
 KIND = "sensitivity"
-GROUPS = ("vision", "projector", "language", "head")
+from mpsearch.models.groups import GROUPS  # noqa: E402 - the one place for the group names
 #: Why a layer scores 0 regardless of format.
 DEAD_REASON = "does not reach the output"
 
