@@ -19,8 +19,8 @@ from typing import Any, Iterable, Sequence
 
 from mpsearch._yaml import load_yaml
 from mpsearch.errors import ArtifactError, MpsError
+from mpsearch.models.groups import GROUPS  # the one place for the group names
 
-from mpsearch.models.groups import GROUPS  # noqa: E402 - the one place for the group names
 SPACES_DIR = Path(__file__).parent / "search_spaces"
 
 

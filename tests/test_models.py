@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from functools import lru_cache
@@ -18,11 +19,12 @@ import torch
 from torch import nn
 
 import mpsearch.models as models
+from mpsearch.models import load as load_module
 from mpsearch._cli import layers as layers_cli
 from mpsearch.errors import MpsError
 from mpsearch.models import (
     GROUPS, TINY_ARCHS, Layer, build_tiny_vlm, discover_layers, get_module, group_summary, load_vlm,
-    model_info, model_source, set_module,
+    model_info, model_source, register_quantized_module, set_module,
 )
 
 # Independent expectation: module prefix -> group, most specific first; and the exact layer
@@ -277,13 +279,13 @@ def test_multihead_attention_out_proj_is_not_listed():
     assert len(names) == len(all_linears(model)) - 1
 
 
-def test_registered_linear_types_are_discovered(monkeypatch):
+def test_registered_linear_types_are_discovered():
     class Swapped(nn.Module):  # what a quantized replacement looks like: shape attributes, no nn.Linear
         def __init__(self, lin: nn.Linear) -> None:
             super().__init__()
             self.in_features, self.out_features, self.bias = lin.in_features, lin.out_features, lin.bias
 
-    monkeypatch.setattr(models, "_EXTRA_LINEAR_TYPES", [Swapped])
+    assert register_quantized_module(Swapped) is Swapped  # the public hook formats/ uses too
     model = FakeInternVLChat()
     before = discover_layers(model)
     set_module(model, "mlp1.1", Swapped(model.mlp1[1]))
@@ -407,11 +409,11 @@ def test_round_trip_of_other_tiny_archs(tmp_path):
 
 
 def test_demo_goes_through_the_directory_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "DEMO_DIR", tmp_path / "empty")
+    monkeypatch.setattr(load_module, "DEMO_DIR", tmp_path / "empty")
     with pytest.raises(MpsError, match="the demo model is missing: .*empty has no config.json.*tiny:llava"):
         load_vlm("demo")
     _save_tiny(tmp_path / "demo")
-    monkeypatch.setattr(models, "DEMO_DIR", tmp_path / "demo")
+    monkeypatch.setattr(load_module, "DEMO_DIR", tmp_path / "demo")
     model, processor = load_vlm("demo")
     assert type(model).__name__ == "LlavaForConditionalGeneration" and processor is not None
     assert model_source(model) == "demo"
@@ -425,7 +427,7 @@ def test_missing_hub_model_offline_is_one_line_and_fast(monkeypatch):
     msg = str(err.value)
     assert time.perf_counter() - t0 < 5
     assert "\n" not in msg and "'nonexistent-org-xyz/no-such-vlm' not found" in msg
-    assert models._hub_cache() in msg and "HF_HUB_OFFLINE=1" in msg
+    assert load_module._hub_cache() in msg and "HF_HUB_OFFLINE=1" in msg
     assert "load_vlm('/path/to/dir')" in msg and "mpsearch <command> /path/to/dir" in msg
 
 
@@ -510,3 +512,102 @@ def test_discover_layers_after_apply_policy_sees_the_same_layers():
     apply_policy(model, Policy({}, default="rtn.int4"))
     after = [(l.name, l.group, l.in_features, l.out_features) for l in discover_layers(model)]
     assert after == before
+
+
+# ------------------------------------------------------------------ loading failures say what failed
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_corrupt_safetensors_in_a_local_dir_is_named(tmp_path):
+    _save_tiny(tmp_path)
+    _truncate(tmp_path / "model.safetensors")
+    with pytest.raises(MpsError) as err:
+        load_vlm(str(tmp_path))
+    msg = str(err.value)
+    assert "\n" not in msg and "not found" not in msg
+    assert f"the weights of model '{tmp_path}' are corrupt or truncated: {tmp_path / 'model.safetensors'}" in msg
+    assert "save_pretrained" in msg
+
+
+def test_corrupt_safetensors_in_the_hub_cache_says_download_again(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--some-org--tiny-vlm"
+    snapshot = repo / "snapshots" / sha
+    _save_tiny(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    _truncate(snapshot / "model.safetensors")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(MpsError) as err:
+        load_vlm("some-org/tiny-vlm")
+    msg = str(err.value)
+    assert "\n" not in msg and "not found" not in msg
+    assert "corrupt or truncated" in msg and str(snapshot / "model.safetensors") in msg
+    assert "Hugging Face cache" in msg and "downloaded again" in msg
+
+
+def test_corrupt_config_json_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llava", ')
+    with pytest.raises(MpsError, match=r"config\.json of model .* is corrupt .*config\.json.*save_pretrained"):
+        load_vlm(str(tmp_path))
+
+
+def test_permission_error_on_the_weights_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    import transformers.modeling_utils as modeling_utils
+
+    _save_tiny(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    if os.geteuid() != 0:  # a real unreadable file (root reads everything: simulate what the OS says)
+        weights.chmod(0)
+    else:
+        def denied(path, *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+        monkeypatch.setattr(modeling_utils, "safe_open", denied)
+    try:
+        with pytest.raises(MpsError) as err:
+            load_vlm(str(tmp_path))
+    finally:
+        weights.chmod(0o644)
+    msg = str(err.value)
+    assert "\n" not in msg and "not found" not in msg
+    assert f"permission denied reading {weights}" in msg and "permissions" in msg
+
+
+def test_unreadable_model_dir_is_a_permission_error(tmp_path, monkeypatch):
+    _save_tiny(tmp_path)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path) else real_access(p, mode, **kw))
+    with pytest.raises(MpsError, match=f"permission denied reading {re.escape(str(tmp_path))} while loading model directory"):
+        load_vlm(str(tmp_path))
+
+
+def test_bad_revision_and_gated_repo_say_so(monkeypatch):
+    from types import SimpleNamespace
+
+    import transformers.utils as tutils
+    from huggingface_hub.errors import GatedRepoError, RevisionNotFoundError
+
+    response = SimpleNamespace(status_code=404, headers={}, request=None)  # what the hub errors read
+
+    def fails_with(error):
+        def cached_file(*args, **kwargs):
+            raise OSError("transformers' wrapper text") from error
+        return cached_file
+
+    monkeypatch.setattr(tutils, "cached_file", fails_with(RevisionNotFoundError("no such revision", response=response)))
+    with pytest.raises(MpsError, match=r"revision 'v9' of 'org/vlm' does not exist \(no such branch, tag or commit\)"):
+        load_vlm("org/vlm", revision="v9")
+    monkeypatch.setattr(tutils, "cached_file", fails_with(GatedRepoError("gated", response=response)))
+    with pytest.raises(MpsError, match="'org/vlm' is a gated repository: accept its terms"):
+        load_vlm("org/vlm")

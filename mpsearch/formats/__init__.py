@@ -2,7 +2,8 @@
 
 A format is a named way to run one ``nn.Linear``: ``fp32``, ``bf16``, ``fp16`` (casts),
 ``bnb.int8``, ``bnb.nf4``, ``bnb.fp4`` (bitsandbytes), ``torch.int8dyn`` (PyTorch dynamic
-int8, CPU), ``torch.int8wo``, ``torch.int4wo`` (PyTorch's CPU weight-only kernels), ``rtn.int4``, ``rtn.int3``, ``rtn.int2`` (mpsearch's group-wise round-to-nearest)
+int8, CPU), ``torch.int8wo``, ``torch.int4wo`` (PyTorch's CPU weight-only kernels),
+``rtn.int4``, ``rtn.int3``, ``rtn.int2`` (mpsearch's group-wise round-to-nearest)
 and ``ao.int8wo``, ``ao.int4wo``, ``ao.fp8`` (torchao, optional extra). A new backend
 subclasses :class:`Format` in its own module and calls :func:`register_format`.
 

@@ -160,9 +160,10 @@ class Format:
         """
         if w.dim() != 2:
             raise MpsError(f"format {self.name!r}: quantize_weight expects a 2-D [out, in] weight, got shape {tuple(w.shape)}")
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w)
+        # on the meta device: no random init of a weight that is overwritten at once (that init
+        # was half the cost of a cast's quantize_weight, a large share of the hessian profile)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta", dtype=w.dtype)
+        lin.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
         module = self.make_module(lin)
         with torch.no_grad():
             return self.dequantized(module.inner).to(torch.float32)

@@ -211,10 +211,11 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 ``[out, in]`` weight the kernel computes with: ``(q - 8) * scale + zero``."""
-        q = unpack_int4_cpu(self.packed, self.out_features, self.in_features).float()
-        s = self.scale_and_zero[..., 0].float().t().repeat_interleave(GROUP, dim=1)
-        z = self.scale_and_zero[..., 1].float().t().repeat_interleave(GROUP, dim=1)
-        return (q - 8.0) * s + z
+        n, k = self.out_features, self.in_features
+        q = unpack_int4_cpu(self.packed, n, k).float().view(n, k // GROUP, GROUP)
+        s = self.scale_and_zero[..., 0].float().t().unsqueeze(2)
+        z = self.scale_and_zero[..., 1].float().t().unsqueeze(2)
+        return ((q - 8.0) * s + z).view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_cpu("torch.int4wo", x, self.packed)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mpsearch.models.discover import UNSWAPPABLE_PARENTS, discover_layers, linear_types, register_quantized_module
     from mpsearch.models.groups import GROUPS, depth_of, group_of, place_names, tie_keys
-    from mpsearch.models.layer import Layer, group_summary
+    from mpsearch.models.layer import Layer, group_summary, layers_from_names
     from mpsearch.models.load import DEMO_DIR, load_vlm
     from mpsearch.models.modules import get_module, set_module
     from mpsearch.models.source import model_info, model_source, record_source
@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "tie_keys": "groups",
     "Layer": "layer",
     "group_summary": "layer",
+    "layers_from_names": "layer",
     "discover_layers": "discover",
     "register_quantized_module": "discover",
     "linear_types": "discover",

@@ -13,7 +13,7 @@ from typing import Iterable
 from mpsearch.errors import MpsError
 from mpsearch.models.groups import GROUPS
 
-__all__ = ["Layer", "group_summary"]
+__all__ = ["Layer", "group_summary", "layers_from_names"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +68,23 @@ def group_summary(layers: Iterable[Layer]) -> dict[str, dict[str, int]]:
         out[layer.group]["count"] += 1
         out[layer.group]["params"] += layer.params
     return out
+
+
+def layers_from_names(names: Iterable[str], *, owner: str = "these layers", how: str = "") -> list[Layer]:
+    """:class:`Layer` s for bare module paths (a report or table built from plain dicts).
+
+    Groups, depths and q/k/v, gate/up ties come from the names by the rule
+    :func:`mpsearch.discover_layers` applies (:mod:`mpsearch.models.groups`); shapes are unknown
+    (0), so such layers serve latency budgets, not memory ones. A name no rule places raises
+    :class:`MpsError` naming it, with ``how`` appended (how the caller can give groups).
+
+    Example:
+        >>> [(l.group, l.tie) for l in layers_from_names(["vit.blocks.0.fc1", "llm.layers.0.q_proj",
+        ...                                                 "llm.layers.0.k_proj", "lm_head"])]
+        [('vision', None), ('language', 'llm.layers.0.qkv'), ('language', 'llm.layers.0.qkv'), ('head', None)]
+    """
+    from mpsearch.models.groups import depth_of, place_names, tie_keys
+
+    groups = place_names(names, owner=owner, how=how)
+    ties = tie_keys(groups)
+    return [Layer(n, g, 0, 0, False, tie=ties.get(n), depth=depth_of(n, g)) for n, g in groups.items()]

@@ -81,7 +81,8 @@ def refine(
         space: the search space (object, shipped name or YAML path).
         budget_ms: budget on the *measured* end-to-end latency; ``budget_mb`` on exact weight
             memory (MiB). None: no constraint.
-        n_trials: trials the study holds in total (seeds included).
+        n_trials: the number of trials the study should hold in total (seeds included); a
+            resumed study runs only what it lacks (as in :func:`mpsearch.search`).
         bench / batches / calib: calibration data: a benchmark (``n_samples`` rows drawn with
             ``seed`` are encoded) or ready batches (``calib`` takes either).
         workload: the :class:`mpsearch.Workload` timed per trial (default ``Workload()``).
@@ -169,10 +170,11 @@ def refine(
                                 "objectives": objectives, "decisions": prob.n, "calibration_rows": _rows(batches),
                                 "workload": workload.to_dict() if hasattr(workload, "to_dict") else str(workload),
                                 "seed": seed}}
-    study, _ = open_study(open_storage(storage), name, ["minimize"] * len(objectives), smp, n_trials,
+    st = open_storage(storage)
+    study, _ = open_study(st, name, ["minimize"] * len(objectives), smp, n_trials,
                           seeds=seeds, seed_attrs=seed_attrs, user_attrs=study_attrs, metric_names=objectives,
                           fingerprint_value=fp)
-    st_label = storage_label(study._storage, storage)
+    st_label = storage_label(st, storage)
 
     def objective(trial: optuna.Trial) -> TrialOutcome:
         params = {prob.decisions[d].key: trial.suggest_categorical(prob.decisions[d].key, list(prob.decisions[d].choices))
@@ -184,7 +186,8 @@ def refine(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            counts = run_worker(study, objective, progress=progress, desc="refine", timeout_s=timeout_s)
+            counts = run_worker(study, objective, storage=st, n_trials=n_trials, progress=progress, desc="refine",
+                                timeout_s=timeout_s)
     finally:
         bank.restore()
         if torch.cuda.is_available():

@@ -63,6 +63,13 @@ def resolve_layers(layers: Sequence[Any] | None, model: Any, sens: Any) -> list[
         scores = getattr(sens, "scores", {}) or {}
         order = list(scores) or list(groups)
         return layers_from({"name": str(n), "group": str(groups[n])} for n in order if n in groups)
+    names = list(getattr(sens, "scores", None) or {})
+    if names:  # a report from plain dicts: the names say their groups, by discover_layers' rule
+        from mpsearch.models import layers_from_names
+
+        return layers_from_names(names, owner="the sensitivity report", how=(
+            "give the groups: pass the model (model=..., CLI --model), layers=[{'name': ..., 'group': ...}], "
+            "or SensitivityReport(scores, meta={'groups': {layer: group}})"))
     raise MpsError("the layers to search are unknown: pass the model (--model) or a sensitivity report that lists its layers (meta.groups)")
 
 
@@ -127,7 +134,10 @@ def search(
             and a SearchSpace (or paths / a shipped space name).
         budget_ms, budget_mb: latency budget (ms, ``LatencyTable.predict``) and/or weight
             memory budget (MiB); at least one.
-        n_trials: trials the study holds in total (seeds included); a resumed study is topped up.
+        n_trials: the number of trials the study should hold in total (seeds included): a new
+            study runs that many; a resumed one runs only what it lacks (plus its unfinished
+            seeds and the retries of dead workers' trials) and nothing when it already holds as
+            many. One worker gives exactly ``n_trials``; W workers at once at most W - 1 more.
         storage: None (in memory), an Optuna storage URL (``sqlite:///f.db``,
             ``journal:///f.log``, ``postgresql://...``) or storage object.
         seed: seeds the sampler; the same seed and inputs give the same front.
@@ -204,7 +214,8 @@ def search(
     t1, c1 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        counts = run_worker(study, objective, progress=progress, desc="search", timeout_s=timeout_s)
+        counts = run_worker(study, objective, storage=st, n_trials=n_trials, progress=progress, desc="search",
+                            timeout_s=timeout_s)
     wall, cpu = time.perf_counter() - t1, time.process_time() - c1
     done = counts["complete"] + counts["failed"]
 

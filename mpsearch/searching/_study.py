@@ -1,4 +1,4 @@
-"""Optuna studies that survive restarts and share work between processes, exactly.
+"""Optuna studies that survive restarts and any ``kill -9``, shared between processes.
 
 Storage URLs (``storage=`` / ``--storage``):
 
@@ -13,36 +13,46 @@ Storage URLs (``storage=`` / ``--storage``):
   ``mysql+pymysql://...``: any SQLAlchemy URL, ``optuna.storages.RDBStorage``; workers on many
   machines point at one database.
 
-How the trial count stays exact with several workers: the process that creates a study
-enqueues one WAITING trial per requested trial (a *ticket*: the seeds first, then empty ones the
-sampler fills in) and marks the study ready; every worker only ever claims WAITING trials
-(Optuna's atomic WAITING -> RUNNING transition), never creates trials, and stops when none
-are left. So a study holds exactly ``n_trials`` trials however many workers run, each one is
-evaluated by exactly one worker, and a rerun with the same study name continues where the
-study stopped (finished trials are reused, never re-run).
+How a study is run (Optuna's own machinery, no private Optuna attribute):
 
-A worker killed with ``kill -9`` leaves its trial RUNNING. The next worker to start fails it
-(``fail_reason``: worker died) and enqueues one retry with the same parameters, as
-``optuna.storages.RetryFailedTrialCallback`` does: a trial whose owner process is gone is
-detected on the same host by its pid; on RDB storages the heartbeat (every 30 s, stale after
-120 s) also catches workers that died on other machines. Retried trials are not counted
-against ``n_trials``.
+* **Creation** writes O(1) rows: the study, its attributes and the seed trials
+  (``Study.enqueue_trial(..., skip_if_exists=True)``), then the ``mpsearch:ready`` flag. It runs
+  under a lock that dies with its holder (an ``fcntl`` lock next to a SQLite or journal file, a
+  PostgreSQL advisory lock), so a creator killed half-way is finished by the next command: the
+  seeds already enqueued are skipped, the missing ones added; nothing is enqueued twice.
+* **Workers** run ``Study.optimize``: WAITING trials (seeds, retries) are popped first, then
+  the sampler creates trials one at a time, so the first trial starts at once whatever
+  ``n_trials`` is. A callback after every trial stops the worker when the study holds
+  ``n_trials`` trials and none is WAITING. ``n_trials`` is the size the study should reach
+  (seeds included); trials of dead workers that were retried do not count. One worker gives
+  exactly ``n_trials``; W workers may each create one trial after another worker's last check,
+  so a study ends with at most ``n_trials + W - 1`` trials (a dead worker's trial retried at the
+  very end can add as many again).
+* **A worker killed** leaves its trial RUNNING. It is failed and retried once, with the same
+  parameters, by :class:`RetryStaleTrial` (Optuna's ``RetryHeartbeatStaleTrialCallback``):
+  on the same host at once, found by the pid recorded on the trial (``mpsearch:owner``); on RDB
+  storages also by Optuna's heartbeat (``heartbeat_interval`` 30 s, ``grace_period`` 120 s,
+  checked by ``Study.optimize`` before every trial), which catches workers on other machines.
+  The retry carries ``failed_trial`` / ``retry_history``; the trials it names do not count.
 
 Example:
     >>> st = open_storage("sqlite:////tmp/s.db")                   # doctest: +SKIP
     >>> study, created = open_study(st, "demo", ["minimize"], sampler, n_trials=100)  # doctest: +SKIP
+    >>> run_worker(study, objective, storage=st, n_trials=100)     # doctest: +SKIP
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
-import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -52,19 +62,64 @@ from optuna.trial import TrialState
 
 from mpsearch.errors import MpsError
 
-#: Study system attribute: number of tickets the creator enqueued (set when all are in).
-TICKETS_KEY = "mpsearch:tickets"
+_log = logging.getLogger(__name__)
+
+#: Study system attribute set when the study's creation (attributes and seeds) is complete.
+READY_KEY = "mpsearch:ready"
+#: Study system attribute: what the study was made for (see :func:`fingerprint`).
+FINGERPRINT_KEY = "mpsearch:fingerprint"
+#: Study system attribute: ``host:pid:start`` of the process that created the study.
+CREATOR_KEY = "mpsearch:creator"
+#: Study system attribute of studies made by mpsearch < 0.2 (all tickets enqueued up front).
+LEGACY_TICKETS_KEY = "mpsearch:tickets"
 #: Trial system attribute: ``host:pid:start`` of the worker evaluating it.
 OWNER_KEY = "mpsearch:owner"
+#: Trial system attribute: the slot of the study the trial fills (its number; a retry keeps the
+#: slot of the trial it retries).
+TICKET_KEY = "mpsearch:ticket"
 #: Trial system attribute on a trial failed because its worker died.
 STALE_KEY = "mpsearch:stale"
+#: Trial system attribute of a retry: why its original was retried.
+RETRY_REASON_KEY = "mpsearch:retry_reason"
 HEARTBEAT_INTERVAL_S = 30
 HEARTBEAT_GRACE_S = 120
+#: Storages without a creation lock: how long a study's creation may make no progress before
+#: another process finishes it.
 READY_WAIT_S = 60.0
+#: User attributes a retry inherits from the trial it retries.
+_INHERITED_USER_ATTRS = ("seed", "label")
 
 
 class TrialFailed(Exception):
     """Raised by an objective to record the trial as FAILED with a reason (the study goes on)."""
+
+
+class RetryStaleTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's ``RetryHeartbeatStaleTrialCallback`` (retry without limit, same parameters),
+    keeping only what the retry should inherit: the parameters, ``fixed_params`` of a seed, the
+    trial's slot (``mpsearch:ticket``), ``failed_trial`` / ``retry_history`` and the seed's
+    label; not the dead worker's id nor the failure's reason. Installed as the storage's
+    heartbeat callback and called by :func:`reclaim_dead`; an error while enqueueing propagates.
+    """
+
+    def __init__(self, reason: str = "worker stopped sending heartbeats") -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            super().__init__(max_retry=None)
+        self.reason = reason
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str | None = None) -> None:
+        clean = copy.deepcopy(trial)
+        clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in _INHERITED_USER_ATTRS}
+        sys_attrs = {k: v for k, v in trial.system_attrs.items() if k not in (OWNER_KEY, STALE_KEY, RETRY_REASON_KEY)}
+        sys_attrs.setdefault(TICKET_KEY, trial.number)
+        sys_attrs[RETRY_REASON_KEY] = reason or self.reason
+        clean.system_attrs = sys_attrs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            super().__call__(study, clean)
+        _log.warning("trial %d of study %r: %s; enqueued a retry with the same parameters",
+                     trial.number, study.study_name, reason or self.reason)
 
 
 # -- storages ---------------------------------------------------------------------------------
@@ -91,7 +146,9 @@ def open_storage(url: Any = None, heartbeat: bool = True) -> optuna.storages.Bas
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(path))
+        storage = optuna.storages.JournalStorage(JournalFileBackend(path))
+        _LOCK_FILES[storage] = path + ".mpsearch.lock"
+        return storage
     if "://" not in url:
         raise MpsError(
             f"storage {url!r}: not a storage URL; valid: memory, sqlite:///file.db, journal:///file.log, "
@@ -102,11 +159,13 @@ def open_storage(url: Any = None, heartbeat: bool = True) -> optuna.storages.Bas
         kwargs = {
             "heartbeat_interval": HEARTBEAT_INTERVAL_S,
             "grace_period": HEARTBEAT_GRACE_S,
-            "heartbeat_stale_trial_callback": _retry_stale_trial,
+            "heartbeat_stale_trial_callback": RetryStaleTrial(),
         }
     if url.startswith("sqlite:"):
         return _sqlite_storage(url, kwargs)
     url = _postgres_driver(url)
+    from sqlalchemy.exc import SQLAlchemyError
+
     engine_kwargs = {"pool_pre_ping": True}
     last: Exception | None = None
     for attempt in range(5):  # concurrent first-time table creation can collide: retry
@@ -116,7 +175,7 @@ def open_storage(url: Any = None, heartbeat: bool = True) -> optuna.storages.Bas
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
         except ImportError as exc:
             raise MpsError(f"storage {redact(url)}: the database driver is missing ({exc}); for PostgreSQL: pip install psycopg2-binary") from None
-        except Exception as exc:  # noqa: BLE001 - sqlalchemy errors of many kinds
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:  # e.g. two creators of the tables
             last = exc
             time.sleep(0.5 * (attempt + 1))
     raise MpsError(f"storage {redact(url)}: cannot open ({type(last).__name__}: {str(last).splitlines()[0] if last else ''})")
@@ -163,6 +222,7 @@ def _sqlite_storage(url: str, kwargs: dict[str, Any]) -> optuna.storages.RDBStor
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     storage.engine.dispose()  # drop connections opened before the hooks
+    _LOCK_FILES[storage] = path + ".lock"
     return storage
 
 
@@ -194,6 +254,52 @@ def storage_label(storage: Any, url: Any) -> str:
     if isinstance(url, str) and url:
         return redact(url)
     return type(storage).__name__
+
+
+#: Lock file guarding study creation, per storage opened by :func:`open_storage` (file storages).
+_LOCK_FILES: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _creation_lock(storage: optuna.storages.BaseStorage, study_name: str) -> Iterator[bool]:
+    """Hold a lock that dies with this process while a study is created; yields whether one is held.
+
+    SQLite and journal files: an ``fcntl`` lock on a file next to them. PostgreSQL / MySQL: an
+    advisory lock (``pg_advisory_lock`` / ``GET_LOCK``) on a connection of the storage's engine.
+    In memory: one process, nothing to lock. Anything else: no lock (``False``).
+    """
+    if isinstance(storage, optuna.storages.InMemoryStorage):
+        yield True
+        return
+    path = _LOCK_FILES.get(storage)
+    url = str(getattr(storage, "url", "") or "")
+    if path is None and url.startswith("sqlite:///"):
+        path = url.split(":///", 1)[1] + ".lock"
+    if path is not None:
+        with _file_lock(path):
+            yield True
+        return
+    engine = getattr(storage, "engine", None) if isinstance(storage, optuna.storages.RDBStorage) else None
+    dialect = getattr(getattr(engine, "dialect", None), "name", "")
+    if engine is None or dialect not in ("postgresql", "mysql", "mariadb"):
+        yield False
+        return
+    from sqlalchemy import text
+
+    key = int.from_bytes(hashlib.sha1(f"mpsearch:{study_name}".encode()).digest()[:8], "big", signed=True)
+    with engine.connect() as conn:
+        if dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        else:
+            conn.execute(text("SELECT GET_LOCK(:k, -1)"), {"k": f"mpsearch:{key}"})
+        try:
+            yield True
+        finally:
+            if dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            else:
+                conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": f"mpsearch:{key}"})
+            conn.commit()
 
 
 # -- studies ------------------------------------------------------------------------------------
@@ -229,99 +335,115 @@ def open_study(
     fingerprint_value: str | None = None,
     wait_s: float = READY_WAIT_S,
 ) -> tuple[optuna.Study, bool]:
-    """Create or load ``study_name`` and make sure it holds ``n_trials`` tickets.
+    """Create or load ``study_name``; returns ``(study, created)``.
 
-    Returns ``(study, created)``. A loaded study made for other inputs (another fingerprint)
-    or with other objectives raises :class:`MpsError`. ``seeds`` (parameter dicts, with
-    ``seed_attrs`` user attributes) are enqueued first when the study is created.
+    Creating writes the study's attributes and enqueues the first ``n_trials`` of ``seeds``
+    (parameter dicts, with ``seed_attrs`` user attributes) with
+    ``enqueue_trial(skip_if_exists=True)``, then sets ``mpsearch:ready``: O(len(seeds)) writes,
+    never O(n_trials). A study whose creator was killed before ``ready`` is finished here (see
+    the module doc). A loaded study made for other inputs (another fingerprint) or with other
+    objectives raises :class:`MpsError`.
     """
     if n_trials < 1:
         raise MpsError(f"n_trials must be at least 1, got {n_trials}")
     dirs = [optuna.study.StudyDirection.MINIMIZE if d == "minimize" else optuna.study.StudyDirection.MAXIMIZE for d in directions]
-    created = False
-    try:
-        study = optuna.create_study(storage=storage, study_name=study_name, directions=list(directions), sampler=sampler)
-        created = True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
-    if list(study.directions) != dirs:
-        raise MpsError(
-            f"study {study_name!r} exists with {len(study.directions)} objective(s) "
-            f"{[d.name.lower() for d in study.directions]}, not {list(directions)}: use another --study-name"
-        )
-    if created:
+    with _creation_lock(storage, study_name) as locked:
+        created = False
+        try:
+            study = optuna.create_study(storage=storage, study_name=study_name, directions=list(directions), sampler=sampler)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+        if list(study.directions) != dirs:
+            raise MpsError(
+                f"study {study_name!r} exists with {len(study.directions)} objective(s) "
+                f"{[d.name.lower() for d in study.directions]}, not {list(directions)}: use another --study-name"
+            )
+        sid = storage.get_study_id_from_name(study_name)
+        if created:
+            storage.set_study_system_attr(sid, CREATOR_KEY, worker_id())
+            if fingerprint_value:
+                storage.set_study_system_attr(sid, FINGERPRINT_KEY, fingerprint_value)
+        attrs = storage.get_study_system_attrs(sid)
+        theirs = attrs.get(FINGERPRINT_KEY)
+        if fingerprint_value and theirs is not None and theirs != fingerprint_value:
+            raise MpsError(
+                f"study {study_name!r} in this storage was made for other inputs (sensitivity, latency, "
+                "space, budget or objectives differ): use another --study-name, or the same inputs to resume"
+            )
+        if _is_ready(attrs):
+            return study, created
+        if not created and not locked:
+            if _wait_ready(study, storage, sid, wait_s):
+                return study, False
+        if created:
+            _log.debug("creating study %r", study_name)
+        else:
+            _log.warning("study %r: its creation was interrupted (creator %s); finishing it",
+                         study_name, attrs.get(CREATOR_KEY, "unknown"))
+        if fingerprint_value and theirs is None:
+            storage.set_study_system_attr(sid, FINGERPRINT_KEY, fingerprint_value)
         if metric_names:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(list(metric_names))
         for k, v in (user_attrs or {}).items():
             study.set_user_attr(k, v)
-        if fingerprint_value:
-            _set_study_sys(study, "mpsearch:fingerprint", fingerprint_value)
-        _enqueue_tickets(study, n_trials, list(seeds)[:n_trials], list(seed_attrs)[:n_trials], start=0)
-        _set_study_sys(study, TICKETS_KEY, int(n_trials))
-        return study, True
-    if fingerprint_value:
-        theirs = study_sys_attrs(study).get("mpsearch:fingerprint")
-        if theirs is not None and theirs != fingerprint_value:
-            raise MpsError(
-                f"study {study_name!r} in this storage was made for other inputs (sensitivity, latency, "
-                "space, budget or objectives differ): use another --study-name, or the same inputs to resume"
-            )
-    have = _wait_ready(study, wait_s)
-    if have is None:  # the creator died while enqueuing: finish its work
-        have = count_tickets(study)
-        _enqueue_tickets(study, max(0, n_trials - have), [], [], start=have)
-        _set_study_sys(study, TICKETS_KEY, max(int(n_trials), have))
-    elif n_trials > have:
-        _enqueue_tickets(study, n_trials - have, [], [], start=have)
-        _set_study_sys(study, TICKETS_KEY, int(n_trials))
-    return study, False
+        attrs_list = list(seed_attrs)
+        for i, params in enumerate(list(seeds)[:n_trials]):
+            ua = dict(attrs_list[i]) if i < len(attrs_list) else None
+            study.enqueue_trial(dict(params), user_attrs=ua, skip_if_exists=True)
+        storage.set_study_system_attr(sid, READY_KEY, True)
+        return study, created
 
 
-def _enqueue_tickets(study: optuna.Study, n: int, seeds: list[Mapping[str, Any]], attrs: list[Mapping[str, Any]], start: int) -> None:
-    for i in range(n):
-        params = dict(seeds[i]) if i < len(seeds) else {}
-        ua = dict(attrs[i]) if i < len(attrs) else {}
-        sys_attrs: dict[str, Any] = {"mpsearch:ticket": start + i}
-        if params:
-            sys_attrs["fixed_params"] = params
-        study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, user_attrs=ua, system_attrs=sys_attrs))
+def _is_ready(attrs: Mapping[str, Any]) -> bool:
+    return bool(attrs.get(READY_KEY)) or attrs.get(LEGACY_TICKETS_KEY) is not None
 
 
-def _wait_ready(study: optuna.Study, wait_s: float) -> int | None:
+def _wait_ready(study: optuna.Study, storage: optuna.storages.BaseStorage, sid: int, wait_s: float) -> bool:
+    """No creation lock (an RDB other than PostgreSQL/MySQL, a storage object made elsewhere):
+    wait while the creator makes progress; ``False`` when it is dead or stalled for ``wait_s``."""
     deadline = time.monotonic() + wait_s
     last = -1
     while True:
-        have = study_sys_attrs(study).get(TICKETS_KEY)
-        if have is not None:
-            return int(have)
+        attrs = storage.get_study_system_attrs(sid)
+        if _is_ready(attrs):
+            return True
+        creator = attrs.get(CREATOR_KEY)
+        if creator and _owner_dead(str(creator)):
+            return False
         n = len(study.get_trials(deepcopy=False))
-        if n != last:  # the creator is still enqueuing: keep waiting
-            last = n
-            deadline = time.monotonic() + wait_s
+        if n != last:
+            last, deadline = n, time.monotonic() + wait_s
         if time.monotonic() > deadline:
-            return None
+            return False
         time.sleep(0.2)
 
 
-def study_sys_attrs(study: optuna.Study) -> dict[str, Any]:
+def study_system_attrs(storage: optuna.storages.BaseStorage, study: optuna.Study) -> dict[str, Any]:
     """The study's system attributes (read from its storage)."""
-    return dict(study._storage.get_study_system_attrs(study._study_id))
-
-
-def _set_study_sys(study: optuna.Study, key: str, value: Any) -> None:
-    study._storage.set_study_system_attr(study._study_id, key, value)
+    return dict(storage.get_study_system_attrs(storage.get_study_id_from_name(study.study_name)))
 
 
 def retried_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
-    """Numbers of trials whose worker died and that were retried (they do not count)."""
-    return {int(t.system_attrs["failed_trial"]) for t in trials if "failed_trial" in t.system_attrs}
+    """Numbers of trials whose worker died and that were retried (they do not count).
+
+    Read from the retries' ``retry_history`` (Optuna's retry callback), which names every trial
+    of a chain of retries.
+    """
+    out: set[int] = set()
+    for t in trials:
+        hist = t.system_attrs.get("retry_history")
+        if hist:
+            out.update(int(n) for n in hist)
+        elif "failed_trial" in t.system_attrs:
+            out.add(int(t.system_attrs["failed_trial"]))
+    return out
 
 
-def count_tickets(study: optuna.Study) -> int:
-    """Trials of the study that count against ``n_trials``: all but those retried after a worker died."""
-    trials = study.get_trials(deepcopy=False)
+def count_trials(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
+    """Trials that count against ``n_trials``: all but those retried after their worker died."""
     return len(trials) - len(retried_numbers(trials))
 
 
@@ -357,47 +479,48 @@ def _owner_dead(owner: str) -> bool:
     return start != "?" and _proc_start(pid) not in (start, "?")
 
 
-def reclaim_dead(study: optuna.Study) -> int:
-    """Fail the RUNNING trials of dead workers and enqueue one retry each; returns how many."""
-    n = 0
+def reclaim_dead(study: optuna.Study, storage: optuna.storages.BaseStorage,
+                 trials: Sequence[optuna.trial.FrozenTrial] | None = None) -> int:
+    """Fail the RUNNING trials of dead workers and enqueue one retry each; returns how many.
+
+    Heartbeat-stale trials (RDB storages) are failed and retried by Optuna's
+    ``fail_stale_trials``; trials of workers found dead by their pid on this host are failed
+    here, atomically (``set_trial_state_values``: of several processes doing this at once, one
+    wins and retries the trial). A retry that cannot be enqueued raises (the trial would be lost).
+    """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            optuna.storages.fail_stale_trials(study)  # RDB heartbeat (no-op elsewhere)
-        except Exception:  # noqa: BLE001 - best effort; the pid check below still runs
-            pass
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    if trials is None:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    sid: int | None = None
+    retry = RetryStaleTrial()
+    n = 0
+    for t in trials:
+        if t.state != TrialState.RUNNING:
+            continue
         owner = t.system_attrs.get(OWNER_KEY)
         if not owner or not _owner_dead(str(owner)):
             continue
+        if sid is None:
+            sid = storage.get_study_id_from_name(study.study_name)
+        tid = storage.get_trial_id_from_study_id_trial_number(sid, t.number)
         reason = f"worker died while evaluating it ({owner})"
         try:
-            study._storage.set_trial_system_attr(t._trial_id, STALE_KEY, True)
-            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
-            ok = study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            storage.set_trial_user_attr(tid, "fail_reason", reason)
+            storage.set_trial_system_attr(tid, STALE_KEY, True)
+            won = storage.set_trial_state_values(tid, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker got there first
-        if ok:
-            _enqueue_retry(study, study._storage.get_trial(t._trial_id), reason)
-            n += 1
+            continue  # another process failed it first (and retries it)
+        if not won:
+            continue
+        try:
+            retry(study, storage.get_trial(tid), reason)
+        except Exception as exc:
+            raise MpsError(f"trial {t.number} of study {study.study_name!r} was failed (its worker died) but its "
+                           f"retry could not be enqueued: {type(exc).__name__}: {exc}") from exc
+        n += 1
     return n
-
-
-def _retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Heartbeat-stale callback of RDB storages: mark and retry."""
-    with contextlib.suppress(Exception):
-        study._storage.set_trial_system_attr(trial._trial_id, STALE_KEY, True)
-    _enqueue_retry(study, trial, "worker stopped sending heartbeats")
-
-
-def _enqueue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
-    params = dict(trial.system_attrs.get("fixed_params") or trial.params)
-    history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
-    sys_attrs: dict[str, Any] = {"failed_trial": trial.number, "retry_history": history, "retry_reason": reason}
-    if params:
-        sys_attrs["fixed_params"] = params
-    ua = {k: v for k, v in trial.user_attrs.items() if k in ("seed", "label")}
-    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, user_attrs=ua, system_attrs=sys_attrs))
 
 
 # -- the worker loop -----------------------------------------------------------------------------
@@ -410,130 +533,143 @@ class TrialOutcome:
     user_attrs: dict[str, Any]
 
 
-def _pop_waiting(study: optuna.Study) -> int | None:
-    storage = study._storage
-    for _attempt in range(50):
-        try:
-            waiting = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
-            for t in waiting:
-                try:
-                    if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                        return t._trial_id
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    continue
-            return None
-        except optuna.exceptions.StorageInternalError:
-            time.sleep(0.05 * (1 + _attempt % 5))  # a concurrent writer; try again
-    raise MpsError("the study storage stays busy: cannot claim a trial (too many workers on SQLite? use PostgreSQL)")
+def _more_to_do(study: optuna.Study, storage: optuna.storages.BaseStorage, n_trials: int) -> bool:
+    """Whether this worker should take another trial: one is WAITING (a seed, a retry), or the
+    study holds fewer than ``n_trials``, or a dead worker's trial was just put back."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return True
+    if count_trials(trials) < n_trials:
+        return True
+    return reclaim_dead(study, storage, trials) > 0
 
 
-class _Heartbeat:
-    """One background thread per worker recording the heartbeat of the current trial (RDB)."""
+class _StopWhenFull:
+    """``Study.optimize`` callback: counts, progress, and ``study.stop()`` once the study is full.
 
-    def __init__(self, storage: Any) -> None:
-        self.storage = storage
-        get_interval = getattr(storage, "get_heartbeat_interval", None)
-        self.enabled = bool(get_interval is not None and get_interval() is not None and hasattr(storage, "record_heartbeat"))
-        self.trial_id: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if self.enabled:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
+    Optuna's ``MaxTrialsCallback`` counts trials by state; the target here excludes the trials
+    retried after their worker died and finishes WAITING seeds and retries, so it is computed
+    from the study's trials.
+    """
 
-    def beat(self, trial_id: int | None) -> None:
-        self.trial_id = trial_id
-        if self.enabled and trial_id is not None:
-            with contextlib.suppress(Exception):
-                self.storage.record_heartbeat(trial_id)
+    def __init__(self, storage: optuna.storages.BaseStorage, n_trials: int, bar: Any,
+                 after_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None) -> None:
+        self.storage, self.n_trials, self.bar, self.after_trial = storage, n_trials, bar, after_trial
+        self.counts = {"complete": 0, "failed": 0}
 
-    def _run(self) -> None:
-        interval = self.storage.get_heartbeat_interval() or HEARTBEAT_INTERVAL_S
-        while not self._stop.wait(interval):
-            tid = self.trial_id
-            if tid is not None:
-                with contextlib.suppress(Exception):
-                    self.storage.record_heartbeat(tid)
-
-    def close(self) -> None:
-        self._stop.set()
+    def __call__(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        self.counts["complete" if frozen.state == TrialState.COMPLETE else "failed"] += 1
+        self.bar.update(1)
+        if self.after_trial is not None:
+            self.after_trial(study, frozen)
+        if not _more_to_do(study, self.storage, self.n_trials):
+            study.stop()
 
 
 def run_worker(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], TrialOutcome],
+    storage: optuna.storages.BaseStorage,
+    n_trials: int,
     progress: bool = True,
     desc: str = "trials",
     timeout_s: float | None = None,
     after_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
 ) -> dict[str, int]:
-    """Claim and evaluate WAITING trials until none is left (or ``timeout_s`` passes).
+    """Evaluate trials with ``study.optimize`` until the study holds ``n_trials`` and none waits.
 
-    The objective returns a :class:`TrialOutcome`; raising :class:`TrialFailed` records the
-    trial as FAILED with ``fail_reason`` and goes on. Any other exception (and Ctrl-C) fails
-    the trial, enqueues its retry (so a rerun evaluates it) and propagates. Returns counts of
-    what this worker did.
+    Dead workers' trials are retried first (:func:`reclaim_dead`). The objective returns a
+    :class:`TrialOutcome`; raising :class:`TrialFailed` records the trial as FAILED with
+    ``fail_reason`` and goes on (so does a non-finite objective value). Any other exception
+    (and Ctrl-C) fails the trial, enqueues its retry (so a rerun evaluates it) and propagates.
+    ``timeout_s`` stops taking trials after that many seconds. Returns counts of what this
+    worker did (``complete``, ``failed``).
     """
     from tqdm.auto import tqdm
 
-    reclaim_dead(study)
+    reclaim_dead(study, storage)
+    if not _more_to_do(study, storage, n_trials):
+        return {"complete": 0, "failed": 0}
     me = worker_id()
-    storage = study._storage
-    total = int(study_sys_attrs(study).get(TICKETS_KEY) or 0)
+    sid = storage.get_study_id_from_name(study.study_name)
     trials = study.get_trials(deepcopy=False)
     gone = retried_numbers(trials)
     done0 = sum(1 for t in trials if t.state.is_finished() and t.number not in gone)
-    counts = {"complete": 0, "failed": 0}
-    bar = tqdm(total=total or None, initial=min(done0, total) if total else done0, desc=desc, disable=not progress, leave=False)
-    hb = _Heartbeat(storage)
-    t_end = None if timeout_s is None else time.monotonic() + timeout_s
-    try:
-        while t_end is None or time.monotonic() < t_end:
-            if hasattr(study, "_thread_local"):
-                study._thread_local.cached_all_trials = None  # what Study.ask does each trial
-            trial_id = _pop_waiting(study)
-            if trial_id is None:
-                if reclaim_dead(study):
-                    continue
-                break
-            hb.beat(trial_id)
-            storage.set_trial_system_attr(trial_id, OWNER_KEY, me)
-            trial = optuna.trial.Trial(study, trial_id)
-            state, frozen = _evaluate(study, trial, objective)
-            counts["complete" if state == TrialState.COMPLETE else "failed"] += 1
-            hb.beat(None)
-            bar.update(1)
-            if after_trial is not None and frozen is not None:
-                after_trial(study, frozen)
-    finally:
-        hb.close()
-        bar.close()
-    return counts
+    bar = tqdm(total=max(n_trials, done0), initial=done0, desc=desc, disable=not progress, leave=False)
+    stop = _StopWhenFull(storage, n_trials, bar, after_trial)
+    current: dict[str, Any] = {}
 
+    def wrapped(trial: optuna.Trial) -> list[float]:
+        current["number"] = trial.number
+        tid = storage.get_trial_id_from_study_id_trial_number(sid, trial.number)
+        current["id"] = tid
+        storage.set_trial_system_attr(tid, OWNER_KEY, me)
+        if TICKET_KEY not in storage.get_trial_system_attrs(tid):  # a retry keeps the slot it inherited
+            storage.set_trial_system_attr(tid, TICKET_KEY, trial.number)
+        try:
+            out = objective(trial)
+        except TrialFailed as exc:
+            current.clear()  # a failure of the trial itself: recorded, not retried
+            trial.set_user_attr("fail_reason", str(exc) or type(exc).__name__)
+            raise
+        except BaseException as exc:  # a bug or Ctrl-C: say why; run_worker retries the trial
+            _note_reason(trial, f"{type(exc).__name__}: {str(exc)[:300]}")
+            raise
+        for k, v in out.user_attrs.items():
+            trial.set_user_attr(k, v)
+        current.clear()
+        if not all(math.isfinite(v) for v in out.values):
+            trial.set_user_attr("fail_reason", f"objective value not finite: {out.values}")
+            raise TrialFailed(f"objective value not finite: {out.values}")
+        for k, v in out.constraints.items():
+            trial.set_constraint(k, float(v))
+        return [float(v) for v in out.values]
 
-def _evaluate(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], TrialOutcome]) -> tuple[TrialState, Any]:
+    verbosity = optuna.logging.get_verbosity()
+    if verbosity < optuna.logging.WARNING:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial otherwise
     try:
-        out = objective(trial)
-    except TrialFailed as exc:
-        trial.set_user_attr("fail_reason", str(exc) or type(exc).__name__)
-        return TrialState.FAIL, study.tell(trial, state=TrialState.FAIL)
-    except BaseException as exc:  # Ctrl-C or a bug: keep the trial's ticket for a rerun
-        reason = f"{type(exc).__name__}: {str(exc)[:300]}"
-        with contextlib.suppress(Exception):
-            trial.storage.set_trial_system_attr(trial._trial_id, STALE_KEY, True)
-            trial.set_user_attr("fail_reason", reason)
-            frozen = study.tell(trial, state=TrialState.FAIL)
-            _enqueue_retry(study, frozen, reason)
+        study.optimize(wrapped, timeout=timeout_s, catch=(TrialFailed,), callbacks=[stop])
+    except BaseException as exc:
+        if "id" in current:  # the objective failed (a bug, Ctrl-C): keep the trial for a rerun
+            _retry_interrupted(study, storage, current["id"], f"{type(exc).__name__}: {str(exc)[:300]}")
         raise
-    for k, v in out.user_attrs.items():
-        trial.set_user_attr(k, v)
-    bad = [v for v in out.values if not math.isfinite(v)]
-    if bad:
-        trial.set_user_attr("fail_reason", f"objective value not finite: {out.values}")
-        return TrialState.FAIL, study.tell(trial, state=TrialState.FAIL)
-    for k, v in out.constraints.items():
-        trial.set_constraint(k, float(v))
-    return TrialState.COMPLETE, study.tell(trial, out.values)
+    finally:
+        if verbosity < optuna.logging.WARNING:
+            optuna.logging.set_verbosity(verbosity)
+        bar.close()
+    return stop.counts
+
+
+def _retry_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> None:
+    """After an objective raised: record why and enqueue one retry of the (now FAILED) trial.
+
+    Runs while another exception propagates, so a failure here is logged as a warning rather
+    than raised over the original error.
+    """
+    try:
+        frozen = storage.get_trial(trial_id)
+        if frozen.state == TrialState.RUNNING:  # Optuna did not tell it (an exception it does not catch)
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            storage.set_trial_system_attr(trial_id, STALE_KEY, True)
+            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                return
+            frozen = storage.get_trial(trial_id)
+        if frozen.state != TrialState.FAIL:
+            return
+        RetryStaleTrial()(study, frozen, f"interrupted: {reason}")
+    except Exception as exc:  # noqa: BLE001 - never mask the original error, but say what was lost
+        _log.warning("trial %s of study %r was interrupted (%s) and could NOT be re-enqueued (%s: %s): it stays "
+                     "FAILED and a rerun will not evaluate it again", trial_id, study.study_name, reason,
+                     type(exc).__name__, exc)
+
+
+def _note_reason(trial: optuna.Trial, reason: str) -> None:
+    """``fail_reason`` on a trial whose objective raised (a warning if even that fails)."""
+    try:
+        trial.set_user_attr("fail_reason", reason)
+    except Exception as exc:  # noqa: BLE001 - the objective's error propagates; this one is reported
+        _log.warning("trial %d: could not record its fail_reason (%s: %s)", trial.number, type(exc).__name__, exc)
 
 
 def trial_failures(study: optuna.Study) -> list[dict[str, Any]]:

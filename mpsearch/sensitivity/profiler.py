@@ -200,21 +200,34 @@ def _hessian(model: nn.Module, batches: Sequence[Mapping[str, Any]], modules: Ma
     meta["negative_trace"] = [n for n, t in est.mean.items() if t < 0 and n not in est.dead]
 
     def score(name: str, w: torch.Tensor, q: torch.Tensor) -> float:
-        d = q.to(device=w.device, dtype=torch.float32) - w.detach().float()
-        return used[name] / w.numel() * float(d.pow(2).sum())
+        if used[name] == 0.0:
+            return 0.0
+        d = q.to(device=w.device, dtype=torch.float32)
+        d.sub_(w.detach().float())
+        return used[name] / w.numel() * float(d.square_().sum())
 
-    return _per_format(modules, candidates, score), est.dead
+    return _per_format(modules, candidates, score, skip_zero=lambda n: used[n] == 0.0), est.dead
 
 
-def _per_format(modules: Mapping[str, nn.Module], candidates: Mapping[str, list[str]], fn: Any) -> dict[str, dict[str, float]]:
-    """``fn(name, W, Q_f(W))`` for each layer and candidate format (one quantization each)."""
-    from mpsearch.formats import get_format
+def _per_format(modules: Mapping[str, nn.Module], candidates: Mapping[str, list[str]], fn: Any,
+                skip_zero: Any = None) -> dict[str, dict[str, float]]:
+    """``fn(name, W, Q_f(W))`` for each layer and candidate format (one quantization each).
+
+    The layer's own precision (``fp32`` for an fp32 weight) scores 0 without quantizing:
+    ``Q_f(W) = W`` there, and every method's score is 0 at zero error. ``skip_zero(name)``
+    true: the layer scores 0 in every format (no quantization at all).
+    """
+    from mpsearch.formats import dtype_format, get_format
 
     out: dict[str, dict[str, float]] = {}
     for name, m in modules.items():
         w = m.weight.detach()
         out[name] = {}
+        own = dtype_format(w.dtype, name)
         for fmt in candidates[name]:
+            if fmt == own or (skip_zero is not None and skip_zero(name)):
+                out[name][fmt] = 0.0
+                continue
             q = get_format(fmt).quantize_weight(w)
             out[name][fmt] = float(fn(name, w, q))
             del q

@@ -25,9 +25,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from mpsearch.artifacts import atomic_write_json, provenance as _provenance
 from mpsearch.errors import MpsError
+from mpsearch.models.groups import GROUPS  # the one place for the group names
 
 KIND = "sensitivity"
-from mpsearch.models.groups import GROUPS  # noqa: E402 - the one place for the group names
 #: Why a layer scores 0 regardless of format.
 DEAD_REASON = "does not reach the output"
 
