@@ -346,6 +346,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
                             title=f"{cfg.model} on {cfg.benchmark}/{cfg.split}, space {space.name}")
     done()
     notes = verdict(results, chosen, "measured" if selection == "measured latency" else "predicted")
+    if cfg.refine_trials:
+        from mpsearch.searching import fidelity_lines, proxy_fidelity
+
+        notes += fidelity_lines(proxy_fidelity(refined_path))
     summary = RunSummary(out, budget_ms, budget_mb, results, exported, paths, seconds, chosen, notes)
     atomic_write_text(out / "summary.txt", summary.table() + "\n")
     return summary

@@ -2,10 +2,10 @@
 
 Tolerances (relative Frobenius norm of the outputs, ``||y - y_ref|| / ||y_ref||``):
 - against ``x @ dequantized().T + b`` (what the module says its kernel uses): <= 1% (issue 13);
-  measured ~0.24% for both, which is the bf16 rounding of the activations and the output;
+  measured 0.23% for both, which is the bf16 rounding of the activations and the output;
   ``_KERNEL_TOL`` = 0.6% is the tight bound checked on smaller layers too.
-- against the fp32 layer on Gaussian weights and inputs: <= 2% (int8wo; measured ~0.46%) and
-  <= 25% (int4wo; measured ~6.4%).
+- against the fp32 layer on Gaussian weights and inputs: <= 2% (int8wo; measured 0.93%) and
+  <= 25% (int4wo; measured 8.7-8.9%).
 No timings here: speed is measured by benchmarks/format_speed.py (docs/benchmarks.md).
 """
 from __future__ import annotations

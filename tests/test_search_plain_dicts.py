@@ -175,7 +175,7 @@ def test_cli_search_on_a_plain_dict_report(tmp_path, capsys):
     best = min(l for l, m in (costs(a, sens, lat) for a in all_assignments()) if m <= budget)
     out = tmp_path / "front.json"
     rc = main(["search", "--sens", str(tmp_path / "sens.json"), "--latency", str(tmp_path / "lat.json"),
-               "--space", str(tmp_path / "space.yaml"), "--budget-ms", repr(budget), "--n-trials", "30",
+               "--space", str(tmp_path / "space.yaml"), "--budget-ms", repr(float(budget)), "--n-trials", "30",
                "--no-progress", "-o", str(out)])
     assert rc == 0 and out.is_file()
     assert "candidates" in capsys.readouterr().out

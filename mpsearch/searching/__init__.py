@@ -19,6 +19,7 @@ Example:
 """
 from __future__ import annotations
 
+from mpsearch.searching._fidelity import fidelity_lines, proxy_fidelity
 from mpsearch.searching._front import Candidate, Front, pareto, read_front, write_front
 from mpsearch.searching._ilp import BYTES_PER_MB, ilp_front, solve_ilp
 from mpsearch.searching._proxy import ProxyProblem, summarize_formats
@@ -34,9 +35,11 @@ __all__ = [
     "ProxyProblem",
     "SAMPLERS",
     "TrialFailed",
+    "fidelity_lines",
     "ilp_front",
     "open_storage",
     "pareto",
+    "proxy_fidelity",
     "read_front",
     "redact",
     "refine",

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import hashlib
 import json
 import logging
@@ -77,6 +78,8 @@ OWNER_KEY = "mpsearch:owner"
 #: Trial system attribute: the slot of the study the trial fills (its number; a retry keeps the
 #: slot of the trial it retries).
 TICKET_KEY = "mpsearch:ticket"
+#: Study system attribute prefix: ``mpsearch:worker:<host:pid:start>`` for every worker run.
+WORKER_PREFIX = "mpsearch:worker:"
 #: Trial system attribute on a trial failed because its worker died.
 STALE_KEY = "mpsearch:stale"
 #: Trial system attribute of a retry: why its original was retried.
@@ -494,18 +497,28 @@ def reclaim_dead(study: optuna.Study, storage: optuna.storages.BaseStorage,
     if trials is None:
         trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     sid: int | None = None
+    peers_dead: bool | None = None
     retry = RetryStaleTrial()
     n = 0
     for t in trials:
         if t.state != TrialState.RUNNING:
             continue
         owner = t.system_attrs.get(OWNER_KEY)
-        if not owner or not _owner_dead(str(owner)):
-            continue
         if sid is None:
             sid = storage.get_study_id_from_name(study.study_name)
+        if owner:
+            if not _owner_dead(str(owner)):
+                continue
+            reason = f"worker died while evaluating it ({owner})"
+        else:  # killed between Optuna creating the trial and the worker recording itself on it
+            if peers_dead is None:
+                peers_dead = _other_workers_dead(storage, sid)
+            started = t.datetime_start
+            age = (datetime.datetime.now() - started).total_seconds() if started is not None else 0.0
+            if not (peers_dead or age > HEARTBEAT_GRACE_S):
+                continue
+            reason = "worker died while evaluating it (before it recorded itself on the trial)"
         tid = storage.get_trial_id_from_study_id_trial_number(sid, t.number)
-        reason = f"worker died while evaluating it ({owner})"
         try:
             storage.set_trial_user_attr(tid, "fail_reason", reason)
             storage.set_trial_system_attr(tid, STALE_KEY, True)
@@ -521,6 +534,22 @@ def reclaim_dead(study: optuna.Study, storage: optuna.storages.BaseStorage,
                            f"retry could not be enqueued: {type(exc).__name__}: {exc}") from exc
         n += 1
     return n
+
+
+def _register_worker(storage: optuna.storages.BaseStorage, sid: int, me: str) -> None:
+    """Record this worker on the study before it creates a trial (see :func:`_other_workers_dead`)."""
+    storage.set_study_system_attr(sid, WORKER_PREFIX + me, round(time.time(), 3))
+
+
+def _other_workers_dead(storage: optuna.storages.BaseStorage, sid: int) -> bool:
+    """Whether every worker that ever ran on the study, but this process, is known to be dead
+    (all on this host, their processes gone): then a RUNNING trial nobody recorded itself on
+    was left by one of them."""
+    me = worker_id()
+    for key in storage.get_study_system_attrs(sid):
+        if key.startswith(WORKER_PREFIX) and key[len(WORKER_PREFIX):] != me and not _owner_dead(key[len(WORKER_PREFIX):]):
+            return False
+    return True
 
 
 # -- the worker loop -----------------------------------------------------------------------------
@@ -592,6 +621,7 @@ def run_worker(
         return {"complete": 0, "failed": 0}
     me = worker_id()
     sid = storage.get_study_id_from_name(study.study_name)
+    _register_worker(storage, sid, me)
     trials = study.get_trials(deepcopy=False)
     gone = retried_numbers(trials)
     done0 = sum(1 for t in trials if t.state.is_finished() and t.number not in gone)
