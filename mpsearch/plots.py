@@ -255,8 +255,9 @@ def bit_allocation(policy: Any, layers: Sequence[Any], path_stem: str | Path, ti
     from matplotlib.figure import Figure
 
     from mpsearch.formats import get_format
+    from mpsearch.models.groups import GROUPS
 
-    groups = [g for g in ("vision", "projector", "language", "head") if any(l.group == g for l in layers)]
+    groups = [g for g in GROUPS if any(l.group == g for l in layers)]
     fmts = sorted({policy.format_for(l.name) for l in layers}, key=lambda f: -get_format(f).bits)
     cmap = {f: c for f, c in zip(fmts, ["tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:red",
                                           "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"])}

@@ -70,7 +70,7 @@ SCHEMA_VERSION = 1
 PRECISION_MAP_SCHEMA = 1
 #: ``mpsearch_run: 1`` in run configs.
 RUN_SCHEMA = 1
-GROUPS = ("vision", "projector", "language", "head")
+from mpsearch.models.groups import GROUPS  # noqa: E402 - the one place for the group names
 PHASES = ("prefill", "decode", "both")
 STATS = ("median", "min")
 CLOCKS = ("wall", "cpu")

@@ -276,6 +276,8 @@ def test_same_study_name_resumes(tmp_path, kind):
     assert f2.meta["trials"]["this_worker"] == 0 and [c.key for c in f2] == [c.key for c in f1]
     f3 = search(inst.sens, inst.lat, inst.space, n_trials=25, **kw)  # topped up
     assert f3.meta["trials"] == {"total": 25, "complete": 25, "this_worker": 10}
+    f4 = search(inst.sens, inst.lat, inst.space, n_trials=10, **kw)  # n_trials is the study's size: it holds more already
+    assert f4.meta["trials"] == {"total": 25, "complete": 25, "this_worker": 0}
     from mpsearch.searching import open_storage
 
     study = optuna.load_study(study_name="r", storage=open_storage(url))

@@ -249,7 +249,7 @@ def test_kill_9_during_study_creation_resumes(inputs, tmp_path, where, after):
     """Killed right after the study row is written, or half-way through the seeds: the same
     command finishes the creation (each seed enqueued once) and runs the study."""
     d, budget = inputs
-    url, name, n = f"sqlite:///{tmp_path}/c.db", "created", 30
+    url, name, n = f"sqlite:///{tmp_path}/c.db", "created", 12
     cmd = _cmd(d, budget, url, name, n, tmp_path / "front.json")
     dead = subprocess.run([sys.executable, "-c", _DIE_AT, where, str(after)] + cmd[3:], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)

@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workload", default="", help="key=value list timed per trial (see `mpsearch latency --help`)")
     p.add_argument("--budget-ms", type=float, default=None, help="budget on the measured latency (ms)")
     p.add_argument("--budget-mb", type=float, default=None, help="budget on weight memory (MiB)")
-    p.add_argument("--n-trials", "--trials", dest="n_trials", type=int, default=50, help="trials in the study (default 50)")
+    p.add_argument("--n-trials", "--trials", dest="n_trials", type=int, default=50,
+                   help="the number of trials the study should hold in total, seeds included (default 50); a resumed "
+                        "study runs only the trials it lacks (see `mpsearch search --help`)")
     p.add_argument("--sampler", default="nsga2", choices=("nsga2", "tpe", "gp", "evo"), help="Optuna sampler (default nsga2)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (sqlite:///f.db, journal:///f.log, postgresql://...)")
     p.add_argument("--study-name", "--study", dest="study_name", default=None, help="study to create or resume")

@@ -18,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="search the proxy Pareto front under a latency/memory budget (ILP + Optuna)",
         description="Solve the exact optimum of the additive proxy (sum of sensitivity scores, latency table) under "
                     "the budget with an ILP, then run an Optuna study seeded with it (NSGA-II by default) and write the "
-                    "feasible non-dominated candidates. With --storage the study survives restarts: the same "
-                    "command resumes it, and several workers may run it at once.",
+                    "feasible non-dominated candidates. With --storage the study survives restarts and kill -9 at any "
+                    "moment: the same command resumes it (finished trials are kept, a killed worker's trial is retried "
+                    "once), and several workers may run it at once.",
     )
     p.add_argument("--sens", "--sensitivity", dest="sens", required=True, help="sensitivity report (JSON, from `mpsearch profile`)")
     p.add_argument("--latency", default=None, help="latency table (JSON, from `mpsearch latency`); needed for --budget-ms")
@@ -28,11 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: the one the report was profiled with)")
     p.add_argument("--model", default=None,
                    help="model whose layers are searched (also gives exact whole-model memory); default: the layers "
-                        "listed in the sensitivity report")
+                        "listed in the sensitivity report, else placed in groups by their names")
     p.add_argument("--dtype", default=None, help="dtype to load --model in (memory of unsearched weights); default: the model's")
     p.add_argument("--budget-ms", type=float, default=None, help="latency budget in ms (LatencyTable.predict)")
     p.add_argument("--budget-mb", type=float, default=None, help="weight memory budget in MiB")
-    p.add_argument("--n-trials", "--trials", dest="n_trials", type=int, default=2000, help="trials in the study (default 2000)")
+    p.add_argument("--n-trials", "--trials", dest="n_trials", type=int, default=2000,
+                   help="the number of trials the study should hold in total, seeds included (default 2000): a new "
+                        "study runs that many; rerunning the same command resumes it and runs only the trials it "
+                        "lacks (plus unfinished seeds and retries of killed workers' trials), nothing if it already "
+                        "holds as many; to add K trials pass the count it holds + K. Several workers at once may "
+                        "end up to workers-1 trials above it")
     p.add_argument("--sampler", default="nsga2", choices=("nsga2", "tpe", "gp", "evo"),
                    help="nsga2 (default), tpe, gp, or evo (budget-keeping evolutionary moves)")
     p.add_argument("--seeding", default="ilp", choices=("ilp", "uniform", "none"),
@@ -104,6 +110,9 @@ def _print(front: Any) -> None:
     t = m.get("trials", {})
     print(f"study {m['study_name']} ({m['storage']}, {m['sampler']}): {t.get('complete')} of {t.get('total')} trials complete, "
           f"{t.get('this_worker')} run here" + (f", {m['ms_per_trial']} ms/trial" if m.get("ms_per_trial") else ""))
+    if not t.get("this_worker") and (t.get("total") or 0) >= (m.get("n_trials") or 0):
+        print(f"the study already holds {t.get('total')} trials (--n-trials {m.get('n_trials')} is its total size): "
+              f"nothing to run; pass a larger --n-trials to add trials")
     print(f"{'proxy loss':>12} {'pred. ms':>10} {'memory':>12}  source")
     for c in front:
         print(f"{c.proxy_loss:12.6g} {_ms(c.predicted_latency_ms):>10} {_mib(c.memory_bytes):>12}  {c.source}")

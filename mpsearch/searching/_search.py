@@ -44,7 +44,8 @@ OBJECTIVE_FIELDS = {"proxy_loss": "proxy_loss", "predicted_latency_ms": "predict
 
 
 def resolve_layers(layers: Sequence[Any] | None, model: Any, sens: Any) -> list[Any]:
-    """The layers to search: given, else discovered on ``model``, else listed in the report.
+    """The layers to search: given, else discovered on ``model``, else listed in the report,
+    else placed from the report's layer names by discover_layers' rule (a report from plain dicts).
 
     A report lists names and groups only (``meta["groups"]``): enough for latency budgets;
     memory needs layer shapes, i.e. the model.
