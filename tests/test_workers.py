@@ -279,3 +279,55 @@ def test_kill_9_during_study_creation_resumes(inputs, tmp_path, where, after):
     assert sorted(t.user_attrs["seed"] for t in seeded) == sorted(t.user_attrs["seed"] for t in ref)
     study = optuna.load_study(study_name=name, storage=open_storage(url))
     assert study.user_attrs["mpsearch"]["stage"] == "search" and study.metric_names
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_an_objective_that_raises_puts_its_trial_back(tmp_path, exc):
+    """A bug or Ctrl-C in the objective fails the trial, enqueues its retry and propagates; the
+    next run evaluates the retry (same parameters) and the study reaches its size."""
+    from mpsearch.searching._study import TrialOutcome, count_trials, open_study, run_worker
+
+    st = open_storage(f"sqlite:///{tmp_path}/x.db")
+    study, created = open_study(st, "x", ["minimize"], optuna.samplers.RandomSampler(seed=0), 5)
+    assert created and study.get_trials() == []
+    seen: list[float] = []
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        seen.append(x)
+        if len(seen) == 3:
+            raise exc("boom")
+        return TrialOutcome([x], {}, {})
+
+    with pytest.raises(exc, match="boom"):
+        run_worker(study, objective, storage=st, n_trials=5, progress=False)
+    trials = study.get_trials()
+    assert [t.state for t in trials[:3]] == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.FAIL]
+    assert f"{exc.__name__}: boom" in trials[2].user_attrs["fail_reason"]
+    retry = trials[3]
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.params == {"x": seen[2]}
+    assert retry.system_attrs["retry_history"] == [2] and "fail_reason" not in retry.user_attrs
+    counts = run_worker(study, objective, storage=st, n_trials=5, progress=False)
+    trials = study.get_trials()
+    assert counts == {"complete": 3, "failed": 0} and count_trials(trials) == 5 and len(trials) == 6
+    assert trials[3].state == optuna.trial.TrialState.COMPLETE and trials[3].params == {"x": seen[2]}
+
+
+def test_a_failed_heartbeat_is_a_logged_warning(tmp_path, caplog, monkeypatch):
+    import logging
+    import warnings
+
+    st = open_storage(f"sqlite:///{tmp_path}/h.db")
+    study = optuna.create_study(storage=st, study_name="h")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # heartbeats outside Study.optimize
+        study.ask()
+    tid = st.get_trial_id_from_study_id_trial_number(st.get_study_id_from_name("h"), 0)
+
+    def busy(self, trial_id):
+        raise optuna.exceptions.StorageInternalError("database is locked")
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "record_heartbeat", busy)
+    with caplog.at_level(logging.WARNING, logger="mpsearch.searching._study"):
+        st.record_heartbeat(tid)  # the heartbeat thread goes on
+    assert f"heartbeat of trial id {tid} not recorded (StorageInternalError: database is locked)" in caplog.text

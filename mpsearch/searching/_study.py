@@ -30,10 +30,14 @@ How a study is run (Optuna's own machinery, no private Optuna attribute):
   very end can add as many again).
 * **A worker killed** leaves its trial RUNNING. It is failed and retried once, with the same
   parameters, by :class:`RetryStaleTrial` (Optuna's ``RetryHeartbeatStaleTrialCallback``):
-  on the same host at once, found by the pid recorded on the trial (``mpsearch:owner``); on RDB
-  storages also by Optuna's heartbeat (``heartbeat_interval`` 30 s, ``grace_period`` 120 s,
-  checked by ``Study.optimize`` before every trial), which catches workers on other machines.
-  The retry carries ``failed_trial`` / ``retry_history``; the trials it names do not count.
+  on the same host at once, found by the pid recorded on the trial (``mpsearch:owner``; a trial
+  killed before its worker recorded itself is recognised because every worker registers on the
+  study, ``mpsearch:worker:<host:pid:start>``, before it creates a trial, or after
+  ``grace_period`` without an owner); on RDB storages also by Optuna's heartbeat
+  (``heartbeat_interval`` 30 s, ``grace_period`` 120 s, checked by ``Study.optimize`` before
+  every trial), which catches workers on other machines. The retry carries ``failed_trial`` /
+  ``retry_history``; the trials it names do not count. A retry that cannot be enqueued is an
+  error; a heartbeat that cannot be recorded is a logged warning (the beating goes on).
 
 Example:
     >>> st = open_storage("sqlite:////tmp/s.db")                   # doctest: +SKIP
@@ -125,6 +129,28 @@ class RetryStaleTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
                      trial.number, study.study_name, reason or self.reason)
 
 
+class _RDBStorage(optuna.storages.RDBStorage):
+    """``RDBStorage`` whose heartbeat failures are logged, not lost.
+
+    Optuna records a trial's heartbeat from a thread that an exception would end without a
+    word to the study (a traceback on stderr at most); the trial would then look stale to other
+    workers after ``grace_period`` and be retried while it still runs. A failed beat (the
+    database busy, the connection dropped) is logged as a warning here and the thread goes on
+    beating at the next interval.
+    """
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """Record the heartbeat of ``trial_id``; a failure is a logged warning (see the class doc)."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            super().record_heartbeat(trial_id)
+        except (SQLAlchemyError, optuna.exceptions.OptunaError, OSError) as exc:
+            _log.warning("heartbeat of trial id %d not recorded (%s: %s); other workers fail and retry a trial "
+                         "without a heartbeat for %s s", trial_id, type(exc).__name__, str(exc).splitlines()[0][:200],
+                         self.grace_period)
+
+
 # -- storages ---------------------------------------------------------------------------------
 def open_storage(url: Any = None, heartbeat: bool = True) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url`` (see the module doc for the URLs understood).
@@ -175,7 +201,7 @@ def open_storage(url: Any = None, heartbeat: bool = True) -> optuna.storages.Bas
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+                return _RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
         except ImportError as exc:
             raise MpsError(f"storage {redact(url)}: the database driver is missing ({exc}); for PostgreSQL: pip install psycopg2-binary") from None
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:  # e.g. two creators of the tables
@@ -209,7 +235,7 @@ def _sqlite_storage(url: str, kwargs: dict[str, Any]) -> optuna.storages.RDBStor
     with _file_lock(path + ".lock"):  # table creation by several processes at once would race
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **kwargs)
+            storage = _RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **kwargs)
 
     @event.listens_for(storage.engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - exercised via sqlite
