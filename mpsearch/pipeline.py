@@ -68,7 +68,7 @@ class RunConfig:
     method: str = "kl"
     n_probes: int = 8
     workload: dict[str, Any] = field(default_factory=lambda: {"batch": 1, "phase": "prefill"})
-    budget_ms: float | str | None = "auto"
+    budget_ms: float | str | None = None
     budget_mb: float | str | None = "auto"
     search_trials: int = 600
     sampler: str = "evo"
@@ -520,6 +520,7 @@ def export_result(result: Any, path: str | Path, layers: Sequence[Any], model_na
         "flips": result.flips,
         f"{result.benchmark}_accuracy": result.accuracy,
         f"{result.benchmark}_accuracy_ci": list(result.accuracy_ci) if result.accuracy_ci else None,
+        **{f"{result.benchmark}_accuracy_{k}": v for k, v in sorted((result.per_skill or {}).items())},
         "n": result.n,
         "mode": result.mode,
     }

@@ -365,7 +365,7 @@ class RunConfigSchema(_Strict):
     method: Literal["hessian", "fisher", "activation", "kl"] = "kl"
     n_probes: PosInt = 8
     workload: WorkloadSchema = WorkloadSchema(batch=1, phase="prefill")
-    budget_ms: Budget = "auto"
+    budget_ms: Budget = None
     budget_mb: Budget = "auto"
     search_trials: NonNegInt = 600
     sampler: Literal["nsga2", "tpe", "gp", "evo"] = "evo"
