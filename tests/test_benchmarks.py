@@ -269,7 +269,9 @@ def test_seedbench_single_image_field_and_only_video(tmp_path):
 def test_synthetic():
     b = load_benchmark("synthetic", "dev", limit=6)
     assert len(b) == 6 and b.has_answers and b.name == "synthetic"
-    assert set(b.subjects) <= {"Colour", "Shapes", "Charts", "Counting"}
+    from mpsearch.tasks.synthetic import SKILL_OF_SUBJECT, SUBJECTS
+    assert set(b.subjects) <= set(SUBJECTS)
+    assert all(b.question(i).skill == SKILL_OF_SUBJECT[b.question(i).subject] for i in range(len(b)))
     assert isinstance(b[0]["image_1"], PILImage.Image)
     assert b.question(0).answer in ("A", "B", "C", "D")
     b2 = load_benchmark("synthetic", "dev", subjects=["counting"], limit=3)

@@ -33,7 +33,8 @@ def test_same_seed_same_front_and_chosen_policy(setup):
                        batch_size=3, progress=False)
     # a fixed latency table (timings are measurements, not seeded): per-format cost by layer size
     cost = {"fp32": 1.0, "torch.int8dyn": 0.5, "bnb.int8": 2.0, "bnb.nf4": 1.5, "bnb.fp4": 1.5,
-            "rtn.int4": 1.8, "rtn.int3": 2.2, "rtn.int2": 2.0}
+            "rtn.int4": 1.8, "rtn.int3": 2.2, "rtn.int2": 2.0, "bf16": 0.6, "torch.int8wo": 1.2,
+            "torch.int4wo": 1.3}
     lat = LatencyTable(base_ms=1.0, ms={l.name: {f: cost[f] * l.params / 1e4 for f in space.candidates(l)}
                                          for l in layers})
     full = lat.predict(mps.Policy({}, default="fp32"))

@@ -75,7 +75,7 @@ def load_benchmark(name: str, split: str = "validation", path: str | os.PathLike
 
     Example:
         >>> load_benchmark("synthetic", "validation", limit=3).subjects
-        ['Colour', 'Shapes', 'Charts']
+        ['Colour', 'Comparison', 'Shapes']
     """
     key = str(name).strip().lower().replace("-", "").replace("_", "")
     if key == "mmmu":
