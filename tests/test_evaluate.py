@@ -130,7 +130,8 @@ def test_flips_kl_memory_and_model_restored(tiny, bench):
     from mpsearch.tasks.synthetic import SKILL_OF_SUBJECT, SUBJECTS
     assert set(base.per_subject) <= set(SUBJECTS)
     # per skill: accuracy over the questions of that skill, with its Wilson interval
-    for skill in ("perception", "reasoning"):
+    assert set(base.per_skill) == set(base.per_skill_ci) == set(base.per_skill_n) == {"perception"}
+    for skill in base.per_skill:
         subs = [s for s in base.per_subject if SKILL_OF_SUBJECT[s] == skill]
         n = sum(base.per_subject_n[s] for s in subs)
         k = sum(round(base.per_subject[s] * base.per_subject_n[s]) for s in subs)
@@ -408,3 +409,19 @@ def test_cli_answerless_split_exits_2_and_writes_nothing(tmp_path, capsys):
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: mmmu split 'test': answers are withheld (2 of 2 rows")
     assert code == 2
+
+
+def test_per_skill_on_a_benchmark_with_two_skills(tiny):
+    from mpsearch.evaluation.report import format_table
+
+    model, processor = tiny
+    b = load_benchmark("synthetic-reasoning", "dev", limit=18)
+    (base,) = evaluate(model, processor, [], b, mode="logits", batch_size=6, **FAST)
+    skills = {b.question(i).id: b.question(i).skill for i in range(len(b))}
+    for skill in ("perception", "reasoning"):
+        ids = [q for q, s in skills.items() if s == skill]
+        k = sum(base.correct[q] for q in ids)
+        assert base.per_skill_n[skill] == len(ids) and base.per_skill[skill] == k / len(ids)
+        assert base.per_skill_ci[skill] == wilson_ci(k, len(ids))
+    header = format_table([base]).splitlines()[0].split()
+    assert "perception%" in header and "reasoning%" in header

@@ -25,36 +25,41 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "mmmu": ("dev", "validation", "test"),
     "seedbench": ("test",),
     "synthetic": ("train", "dev", "validation"),
+    "synthetic-reasoning": ("train", "dev", "validation"),
 }
 
 
 def _load_synthetic(split: str, path: object, subjects: Iterable[str] | str | None, limit: int | None,
-                    seed: int) -> Benchmark:
-    from mpsearch.tasks import base, synthetic
+                    seed: int, name: str = "synthetic") -> Benchmark:
+    import importlib
+
+    from mpsearch.tasks import base
+
+    synthetic = importlib.import_module("mpsearch.tasks." + name.replace("-", "_"))
 
     if path is not None:
-        raise MpsError("synthetic: the benchmark is generated, not read; drop path= / --data "
+        raise MpsError(f"{name}: the benchmark is generated, not read; drop path= / --data "
                        "(a synthetic split saved with datasets loads as name='mmmu' with path=DIR)")
-    if split not in BENCHMARKS["synthetic"]:
-        raise MpsError(f"synthetic: split {split!r} does not exist; valid: {', '.join(BENCHMARKS['synthetic'])}")
+    if split not in BENCHMARKS[name]:
+        raise MpsError(f"{name}: split {split!r} does not exist; valid: {', '.join(BENCHMARKS[name])}")
     wanted = None
     if subjects is not None:
         names = [s.strip() for s in subjects.split(",")] if isinstance(subjects, str) else [str(s) for s in subjects]
         lookup = {s.lower(): s for s in synthetic.SUBJECTS}
         bad = [s for s in names if s.lower() not in lookup]
         if bad:
-            raise MpsError(f"subjects: {bad[0]!r} is not a synthetic subject; valid: {', '.join(synthetic.SUBJECTS)}")
+            raise MpsError(f"subjects: {bad[0]!r} is not a {name} subject; valid: {', '.join(synthetic.SUBJECTS)}")
         wanted = [lookup[s.lower()] for s in names]
     if limit is not None and int(limit) < 1:
         raise MpsError(f"limit={limit}: must be a positive number of questions")
     # The generator interleaves question types by construction, so a prefix is already balanced.
     n = int(limit) if (limit is not None and wanted is None) else None
     rows = synthetic.generate(split, n=n, seed=seed)
-    source = f"mpsearch.tasks.synthetic.generate(split={split!r}, seed={seed}, n={len(rows)})"
+    source = f"{synthetic.__name__}.generate(split={split!r}, seed={seed}, n={len(rows)})"
     seg = base.Segment(rows, source, list(range(len(rows))),
-                       [base.question_of(r, f"synthetic {split} row {i}") for i, r in enumerate(rows)],
+                       [base.question_of(r, f"{name} {split} row {i}") for i, r in enumerate(rows)],
                        lambda row, j: row)
-    bench = base.assemble("synthetic", split, [seg], wanted, limit if wanted else None, source)
+    bench = base.assemble(name, split, [seg], wanted, limit if wanted else None, source)
     bench.limit = None if limit is None else int(limit)
     return bench
 
@@ -66,7 +71,9 @@ def load_benchmark(name: str, split: str = "validation", path: str | os.PathLike
 
     ``name``: ``mmmu`` (hub ``MMMU/MMMU``, 30 subject configs, splits dev/validation/test),
     ``seedbench`` (``lmms-lab/SEED-Bench`` image questions, split test) or ``synthetic`` (the demo
-    set, generated; splits train/dev/validation; ``seed`` picks the stream). ``path``: a local
+    set, generated; splits train/dev/validation; ``seed`` picks the stream) or
+    ``synthetic-reasoning`` (its harder sibling: perception and multi-step reasoning questions,
+    each labelled with its skill). ``path``: a local
     copy (a ``datasets.save_to_disk`` directory or a hub snapshot) or another hub id; None looks in
     the hub cache, then asks ``datasets.load_dataset`` (hub, or its cache offline).
     ``subjects``: names to keep (MMMU also takes the official short names). ``limit``: the first N
@@ -75,7 +82,7 @@ def load_benchmark(name: str, split: str = "validation", path: str | os.PathLike
 
     Example:
         >>> load_benchmark("synthetic", "validation", limit=3).subjects
-        ['Colour', 'Comparison', 'Shapes']
+        ['Colour', 'Shapes', 'Charts']
     """
     key = str(name).strip().lower().replace("-", "").replace("_", "")
     if key == "mmmu":
@@ -88,4 +95,6 @@ def load_benchmark(name: str, split: str = "validation", path: str | os.PathLike
         return seedbench.load(split, path, subjects, limit)
     if key in ("synthetic", "demo"):
         return _load_synthetic(split, path, subjects, limit, seed)
+    if key == "syntheticreasoning":
+        return _load_synthetic(split, path, subjects, limit, seed, name="synthetic-reasoning")
     raise MpsError(f"benchmark {name!r} unknown; valid: {', '.join(BENCHMARKS)}")

@@ -1,28 +1,24 @@
-"""The synthetic visual-reasoning benchmark: the demo's dataset, in the MMMU schema (v2).
+"""The synthetic visual-reasoning benchmark: the demo's dataset, in the MMMU schema.
 
-Every row is drawn deterministically from ``(split, seed, index)``: a 128x128 RGB picture made
-with PIL and a multiple-choice question about it. Shapes sit in a 4x4 grid of 32-px cells (one
-per cell, no overlaps); charts hold four bars. Nine question types in eight subjects, each
-with a *skill*: ``perception`` (one look: a colour, a kind, a count) or ``reasoning`` (several
-steps over what is seen: count per colour then compare, subtract two counts, relate two
-positions, find one shape and then its neighbour):
+Every row is drawn deterministically from ``(split, seed, index)``: a 64x64 RGB picture made
+with PIL and a four-option multiple-choice question about it. Five question types, grouped
+into four subjects so that per-subject accuracy means something:
 
-==========  ==========  ===========================================================  ==================
-skill       subject     question                                                     options
-==========  ==========  ===========================================================  ==================
-perception  Colour      ``What colour is the largest shape?``                        4 colours
-perception  Shapes      ``What colour is the circle?`` (square, triangle likewise)   4 colours
-perception  Charts      ``What colour is the tallest bar?`` / ``... shortest bar?``  the 4 bar colours
-perception  Counting    ``How many shapes are there?`` (1-8)                         4 numbers
-reasoning   Comparison  ``Which colour appears most often?``                         4 colours
-reasoning   Arithmetic  ``How many more red shapes than blue shapes are there?``     1, 2, 3, 4
-reasoning   Spatial     ``Where is the red shape relative to the blue shape?``       above/below/left/right
-reasoning   Relations   ``What colour is the shape to the left of the largest shape?``  4 colours
-==========  ==========  ===========================================================  ==================
+========  =======================================  =========================================
+subject   question                                 options (canonical order)
+========  =======================================  =========================================
+Colour    ``<image 1> What colour is the largest   the colours in the picture plus random
+          shape?``                                 fill, in palette order
+Shapes    ``<image 1> What colour is the circle?`` same (square, triangle likewise)
+Charts    ``<image 1> What colour is the tallest   the four bar colours, in palette order
+          bar?`` / ``... shortest bar?``
+Counting  ``<image 1> How many shapes are there?`` ``['1', '2', '3', '4']``
+========  =======================================  =========================================
 
-Options are always listed in a canonical order (colours in palette order, numbers ascending,
-directions as listed), so the answer letter is a function of what is seen and of the options.
-Each row carries ``skill`` beside the MMMU fields; scoring reports accuracy per skill.
+Options are always listed in a canonical order (colours in palette order, numbers ascending),
+so the answer letter is a direct function of what is seen and of the listed options. Every
+row carries ``skill: perception`` beside the MMMU fields (the harder set with reasoning
+questions is :mod:`mpsearch.tasks.synthetic_reasoning`, benchmark ``synthetic-reasoning``).
 
 Splits: ``train``, ``dev`` and ``validation`` come from disjoint seed streams, and on top of
 that every (image, question) pair is assigned to exactly one split by a hash of its bytes: a
@@ -35,22 +31,16 @@ Example:
     True
     >>> sorted(set(r["subject"] for r in generate("validation", n=50))) == sorted(SUBJECTS)
     True
-    >>> sorted(set(r["skill"] for r in generate("validation", n=50)))
-    ['perception', 'reasoning']
 """
 from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image, ImageDraw
 
-#: Version of the generator: a change of pictures or questions changes it.
-VERSION = 2
-IMAGE_SIZE = 128
-GRID = 4
-CELL = IMAGE_SIZE // GRID
+IMAGE_SIZE = 64
 #: Palette order is the canonical order of colour options.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -62,9 +52,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 COLOURS = list(PALETTE)
 SHAPES = ["circle", "square", "triangle"]
-DIRECTIONS = ["above", "below", "left", "right"]
 BACKGROUND = (255, 255, 255)
-SKILLS = ("perception", "reasoning")
 
 #: subject -> question types in it
 SUBJECTS: dict[str, list[str]] = {
@@ -72,41 +60,28 @@ SUBJECTS: dict[str, list[str]] = {
     "Shapes": ["shape_colour"],
     "Charts": ["tallest_bar", "shortest_bar"],
     "Counting": ["count"],
-    "Comparison": ["most_colour"],
-    "Arithmetic": ["count_difference"],
-    "Spatial": ["relative_position"],
-    "Relations": ["left_of_largest"],
 }
-#: question type -> skill
-SKILL_OF_TYPE: dict[str, str] = {
-    "largest_colour": "perception", "shape_colour": "perception", "tallest_bar": "perception",
-    "shortest_bar": "perception", "count": "perception",
-    "most_colour": "reasoning", "count_difference": "reasoning", "relative_position": "reasoning",
-    "left_of_largest": "reasoning",
-}
-#: subject -> skill
-SKILL_OF_SUBJECT: dict[str, str] = {s: SKILL_OF_TYPE[types[0]] for s, types in SUBJECTS.items()}
-# Interleaved so that every prefix of a split is balanced over types (and so over skills).
-QUESTION_TYPES = ["largest_colour", "most_colour", "shape_colour", "count_difference", "tallest_bar",
-                  "relative_position", "count", "left_of_largest", "shortest_bar"]
+QUESTION_TYPES = [t for types in SUBJECTS.values() for t in types]
+#: Every question here is one perception step (see synthetic_reasoning for multi-step ones).
+SKILLS = ("perception",)
+SKILL_OF_TYPE: dict[str, str] = dict.fromkeys(QUESTION_TYPES, "perception")
+SKILL_OF_SUBJECT: dict[str, str] = dict.fromkeys(SUBJECTS, "perception")
 _SUBJECT_OF = {t: s for s, types in SUBJECTS.items() for t in types}
-_IMG_TYPE = {s: ("Charts" if s == "Charts" else "Diagrams") for s in SUBJECTS}
-_DIFFICULTY = {t: ("Hard" if SKILL_OF_TYPE[t] == "reasoning" else "Easy") for t in QUESTION_TYPES}
+_IMG_TYPE = {"Colour": "Diagrams", "Shapes": "Diagrams", "Charts": "Charts", "Counting": "Diagrams"}
+_DIFFICULTY = {"largest_colour": "Easy", "shape_colour": "Medium", "tallest_bar": "Easy",
+               "shortest_bar": "Medium", "count": "Medium"}
 
 SPLITS = ("train", "dev", "validation")
-DEFAULT_SIZES = {"train": 200000, "dev": 200, "validation": 1008}
+DEFAULT_SIZES = {"train": 20000, "dev": 100, "validation": 500}
 # Hash bucket (of 4) each split owns: validation 0, dev 1, train 2 and 3.
 _BUCKETS = {"validation": (0,), "dev": (1,), "train": (2, 3)}
 
 # Vocabulary the generator can emit (questions and options), for tokenizer building.
 WORDS = sorted(set(
     "What colour is the largest shape ? circle square triangle tallest shortest bar "
-    "How many shapes are there Which appears most often more than Where relative to "
-    "shape to the left of".split()
-    + COLOURS + DIRECTIONS + [str(i) for i in range(1, 9)]
+    "How many shapes are there".split()
+    + COLOURS + [str(i) for i in range(1, 5)]
 ))
-
-Cell = tuple  # (kind, colour, size_px)
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -123,105 +98,83 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, size
         raise ValueError(kind)
 
 
-def _render(rng: random.Random, cells: list[Cell | None]) -> Image.Image:
-    """The picture of a 4x4 grid (row-major ``cells``): each shape jittered inside its cell."""
+def _cells(rng: random.Random, n: int) -> list[tuple[int, int]]:
+    """``n`` distinct cells of the 2x2 grid (each 32x32 px), one shape per cell: no overlaps."""
+    cells = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    rng.shuffle(cells)
+    return cells[:n]
+
+
+def _place(rng: random.Random, cell: tuple[int, int], size: float) -> tuple[float, float]:
+    half = IMAGE_SIZE / 4.0
+    slack = max(0.0, (IMAGE_SIZE / 2.0 - size) / 2.0 - 1.0)
+    cx = cell[0] * IMAGE_SIZE / 2.0 + half + rng.uniform(-slack, slack)
+    cy = cell[1] * IMAGE_SIZE / 2.0 + half + rng.uniform(-slack, slack)
+    return cx, cy
+
+
+def _shapes_scene(rng: random.Random, shapes: list[tuple[str, str, float]]) -> tuple[Image.Image, list]:
+    """The picture and what each 2x2-grid cell holds (row-major): ``(kind, colour)`` or None."""
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    for i, cell in enumerate(cells):
-        if cell is None:
-            continue
-        kind, colour, size = cell
-        slack = max(0.0, (CELL - size) / 2.0 - 1.0)
-        cx = (i % GRID) * CELL + CELL / 2.0 + rng.uniform(-slack, slack)
-        cy = (i // GRID) * CELL + CELL / 2.0 + rng.uniform(-slack, slack)
+    cells: list = [None] * 4
+    for (kind, colour, size), cell in zip(shapes, _cells(rng, len(shapes))):
+        cx, cy = _place(rng, cell, size)
         _draw_shape(draw, kind, cx, cy, size, PALETTE[colour])
-    return img
+        cells[cell[1] * 2 + cell[0]] = (kind, colour)
+    return img, cells
 
 
-def _scatter(rng: random.Random, shapes: list[Cell], taken: dict[int, Cell] | None = None) -> list[Cell | None]:
-    """Place ``shapes`` in random free cells (``taken`` cells already hold a shape)."""
-    cells: list[Cell | None] = [None] * (GRID * GRID)
-    for i, c in (taken or {}).items():
-        cells[i] = c
-    free = [i for i in range(GRID * GRID) if cells[i] is None]
-    rng.shuffle(free)
-    for shape, i in zip(shapes, free):
-        cells[i] = shape
-    return cells
-
-
-def _size(rng: random.Random, lo: float = 10, hi: float = 22) -> float:
-    return rng.uniform(lo, hi)
-
-
-def _colour_options(rng: random.Random, answer: str, present: list[str]) -> list[str]:
-    """The answer, up to three other colours of the picture, random fill; palette order."""
-    others = [c for c in dict.fromkeys(present) if c != answer]
-    rng.shuffle(others)
-    chosen = [answer] + others[:3]
+def _colour_options(rng: random.Random, present: list[str]) -> list[str]:
+    chosen = list(dict.fromkeys(present))[:4]
     rest = [c for c in COLOURS if c not in chosen]
     rng.shuffle(rest)
     chosen += rest[: 4 - len(chosen)]
-    return [c for c in COLOURS if c in chosen]
+    return [c for c in COLOURS if c in chosen]  # palette order
 
 
-def _scene_attrs(cells: list[Cell | None]) -> dict[str, Any]:
-    present = [c for c in cells if c is not None]
-    return {"cells": cells, "count": len(present),
-            "colour_counts": {c: sum(1 for s in present if s[1] == c) for c in COLOURS}}
+# ----------------------------------------------------------------------------- question types
+def _largest_colour(rng: random.Random) -> tuple[Image.Image, str, list[str], str, dict]:
+    n = rng.randint(2, 4)
+    colours = rng.sample(COLOURS, n)
+    big = rng.uniform(22, 29)
+    sizes = [big] + [rng.uniform(9, big * 0.72) for _ in range(n - 1)]
+    shapes = [(rng.choice(SHAPES), c, s) for c, s in zip(colours, sizes)]
+    order = list(range(n))
+    rng.shuffle(order)
+    img, cells = _shapes_scene(rng, [shapes[i] for i in order])
+    return img, "What colour is the largest shape?", _colour_options(rng, colours), colours[0], {
+        "largest": colours[0], "count": n, "cells": cells}
 
 
-Made = tuple  # (image, question, options, answer_text, attrs)
-
-
-# ----------------------------------------------------------------------------- perception
-def _largest_colour(rng: random.Random) -> Made:
-    n = rng.randint(3, 6)
-    colours = [rng.choice(COLOURS) for _ in range(n)]
-    big = rng.uniform(24, 29)
-    shapes = [(rng.choice(SHAPES), colours[0], big)]
-    shapes += [(rng.choice(SHAPES), c, rng.uniform(9, big * 0.7)) for c in colours[1:]]
-    cells = _scatter(rng, shapes)
-    img = _render(rng, cells)
-    return img, "What colour is the largest shape?", _colour_options(rng, colours[0], colours), colours[0], {
-        **_scene_attrs(cells), "largest": colours[0]}
-
-
-def _shape_colour(rng: random.Random) -> Made:
+def _shape_colour(rng: random.Random) -> tuple[Image.Image, str, list[str], str, dict]:
     n = rng.randint(2, 3)
     kinds = rng.sample(SHAPES, n)
     colours = rng.sample(COLOURS, n)
-    cells = _scatter(rng, [(k, c, _size(rng, 14, 26)) for k, c in zip(kinds, colours)])
-    img = _render(rng, cells)
+    sizes = [rng.uniform(16, 28) for _ in range(n)]
+    shapes = list(zip(kinds, colours, sizes))
+    img, cells = _shapes_scene(rng, shapes)
     target = rng.randrange(n)
-    return img, f"What colour is the {kinds[target]}?", _colour_options(rng, colours[target], colours), \
-        colours[target], _scene_attrs(cells)
+    return img, f"What colour is the {kinds[target]}?", _colour_options(rng, colours), colours[target], {
+        "count": n, "kinds": dict(zip(kinds, colours)), "cells": cells}
 
 
-def _count(rng: random.Random) -> Made:
-    n = rng.randint(1, 8)
-    cells = _scatter(rng, [(rng.choice(SHAPES), rng.choice(COLOURS), _size(rng)) for _ in range(n)])
-    img = _render(rng, cells)
-    others = [str(k) for k in range(1, 9) if k != n]
-    options = sorted(rng.sample(others, 3) + [str(n)], key=int)
-    return img, "How many shapes are there?", options, str(n), _scene_attrs(cells)
-
-
-def _bars(rng: random.Random, which: str) -> Made:
+def _bars(rng: random.Random, which: str) -> tuple[Image.Image, str, list[str], str, dict]:
     colours = rng.sample(COLOURS, 4)
-    while True:  # distinct heights, at least 10 px apart
-        heights = sorted(rng.sample(range(14, 117), 4))
-        if min(b - a for a, b in zip(heights, heights[1:])) >= 10:
+    # Distinct heights, at least 6 px apart.
+    while True:
+        heights = sorted(rng.sample(range(8, 57), 4))
+        if min(b - a for a, b in zip(heights, heights[1:])) >= 6:
             break
     rng.shuffle(heights)
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    base = IMAGE_SIZE - 6
-    draw.line([(3, base), (IMAGE_SIZE - 4, base)], fill=(90, 90, 90), width=2)
-    width = rng.randint(16, 22)
-    gap = (IMAGE_SIZE - 6 - 4 * width) / 5.0
+    base = IMAGE_SIZE - 4
+    draw.line([(2, base), (IMAGE_SIZE - 3, base)], fill=(90, 90, 90), width=1)
+    width = rng.randint(9, 12)
+    gap = (IMAGE_SIZE - 4 - 4 * width) / 5.0
     for i, (c, h) in enumerate(zip(colours, heights)):
-        x0 = 3 + gap * (i + 1) + width * i
+        x0 = 2 + gap * (i + 1) + width * i
         draw.rectangle([x0, base - h, x0 + width - 1, base - 1], fill=PALETTE[c])
     tallest = colours[heights.index(max(heights))]
     shortest = colours[heights.index(min(heights))]
@@ -232,84 +185,19 @@ def _bars(rng: random.Random, which: str) -> Made:
         "tallest": tallest, "shortest": shortest, "bars": list(zip(colours, ranks))}
 
 
-# ----------------------------------------------------------------------------- reasoning
-def _most_colour(rng: random.Random) -> Made:
-    counts = sorted(rng.sample([1, 2, 3, 4], 3), reverse=True)
-    colours = rng.sample(COLOURS, 3)
-    shapes = [(rng.choice(SHAPES), c, _size(rng)) for c, k in zip(colours, counts) for _ in range(k)]
-    rng.shuffle(shapes)
-    cells = _scatter(rng, shapes)
-    img = _render(rng, cells)
-    return img, "Which colour appears most often?", _colour_options(rng, colours[0], colours), colours[0], \
-        _scene_attrs(cells)
+def _count(rng: random.Random) -> tuple[Image.Image, str, list[str], str, dict]:
+    n = rng.randint(1, 4)
+    shapes = [(rng.choice(SHAPES), rng.choice(COLOURS), rng.uniform(10, 26)) for _ in range(n)]
+    img, cells = _shapes_scene(rng, shapes)
+    return img, "How many shapes are there?", ["1", "2", "3", "4"], str(n), {"count": n, "cells": cells}
 
 
-def _count_difference(rng: random.Random) -> Made:
-    a, b, *rest = rng.sample(COLOURS, 4)
-    nb = rng.randint(1, 3)
-    d = rng.randint(1, 4)
-    na = nb + d
-    extra = rng.randint(0, 2)
-    shapes = [(rng.choice(SHAPES), a, _size(rng)) for _ in range(na)]
-    shapes += [(rng.choice(SHAPES), b, _size(rng)) for _ in range(nb)]
-    shapes += [(rng.choice(SHAPES), rng.choice(rest), _size(rng)) for _ in range(extra)]
-    rng.shuffle(shapes)
-    cells = _scatter(rng, shapes)
-    img = _render(rng, cells)
-    return img, f"How many more {a} shapes than {b} shapes are there?", ["1", "2", "3", "4"], str(d), \
-        _scene_attrs(cells)
-
-
-def _relative_position(rng: random.Random) -> Made:
-    colours = rng.sample(COLOURS, rng.randint(2, 5))
-    a, b = colours[0], colours[1]
-    while True:
-        ia, ib = rng.sample(range(GRID * GRID), 2)
-        ra, ca, rb, cb = ia // GRID, ia % GRID, ib // GRID, ib % GRID
-        if ra == rb or ca == cb:
-            break
-    answer = ("above" if ra < rb else "below") if ca == cb else ("left" if ca < cb else "right")
-    taken = {ia: (rng.choice(SHAPES), a, _size(rng, 12, 24)), ib: (rng.choice(SHAPES), b, _size(rng, 12, 24))}
-    cells = _scatter(rng, [(rng.choice(SHAPES), c, _size(rng)) for c in colours[2:]], taken)
-    img = _render(rng, cells)
-    return img, f"Where is the {a} shape relative to the {b} shape?", list(DIRECTIONS), answer, {
-        **_scene_attrs(cells), "direction": answer}
-
-
-def _left_of_largest(rng: random.Random) -> Made:
-    row = rng.randrange(GRID)
-    col_big = rng.randint(1, GRID - 1)
-    col_left = rng.randrange(col_big)
-    big_colour, left_colour = rng.sample(COLOURS, 2)
-    big = rng.uniform(24, 29)
-    taken = {row * GRID + col_big: (rng.choice(SHAPES), big_colour, big),
-             row * GRID + col_left: (rng.choice(SHAPES), left_colour, rng.uniform(9, big * 0.7))}
-    # Shapes in the other rows only, so exactly one shape is left of the largest one.
-    others = [(rng.choice(SHAPES), rng.choice(COLOURS), rng.uniform(9, big * 0.7)) for _ in range(rng.randint(1, 4))]
-    cells: list[Cell | None] = [None] * (GRID * GRID)
-    for i, c in taken.items():
-        cells[i] = c
-    free = [i for i in range(GRID * GRID) if i // GRID != row]
-    rng.shuffle(free)
-    for shape, i in zip(others, free):
-        cells[i] = shape
-    img = _render(rng, cells)
-    present = [c[1] for c in cells if c is not None]
-    return img, "What colour is the shape to the left of the largest shape?", \
-        _colour_options(rng, left_colour, [big_colour] + present), left_colour, {
-            **_scene_attrs(cells), "largest": big_colour}
-
-
-_MAKERS: dict[str, Callable[[random.Random], Made]] = {
+_MAKERS = {
     "largest_colour": _largest_colour,
     "shape_colour": _shape_colour,
     "tallest_bar": lambda rng: _bars(rng, "tallest"),
     "shortest_bar": lambda rng: _bars(rng, "shortest"),
     "count": _count,
-    "most_colour": _most_colour,
-    "count_difference": _count_difference,
-    "relative_position": _relative_position,
-    "left_of_largest": _left_of_largest,
 }
 
 
@@ -321,10 +209,10 @@ def _bucket(img: Image.Image, question: str) -> int:
 
 
 def _make(split: str, seed: int, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]  # balanced types in every prefix
+    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]  # balanced subjects in every prefix
     attempt = 0
     while True:
-        rng = random.Random(f"mpsearch-synthetic-v{VERSION}/{split}/{seed}/{index}/{attempt}")
+        rng = random.Random(f"mpsearch-synthetic/{split}/{seed}/{index}/{attempt}")
         img, question, options, answer, attrs = _MAKERS[qtype](rng)
         if _bucket(img, question) in _BUCKETS[split]:
             break
@@ -356,7 +244,7 @@ def _check_split(split: str) -> None:
 def generate(split: str, n: int | None = None, seed: int = 0, start: int = 0) -> list[dict[str, Any]]:
     """Rows ``start .. start+n-1`` of the split's stream for ``seed`` (MMMU schema dicts).
 
-    ``n`` defaults to 200 (dev), 1008 (validation) or 200000 (train). Same arguments, same rows,
+    ``n`` defaults to 100 (dev), 500 (validation) or 20000 (train). Same arguments, same rows,
     images byte-identical.
     """
     _check_split(split)
@@ -368,17 +256,14 @@ def generate_with_attributes(split: str, n: int | None = None, seed: int = 0,
                              start: int = 0) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Like :func:`generate`, with each row's scene attributes (what the picture holds).
 
-    The attributes: ``qtype``, ``answer_text`` and, where they apply, ``cells`` (the 4x4 grid
-    row-major: ``(kind, colour, size_px)`` or None), ``count``, ``colour_counts`` (colour ->
-    number of shapes), ``largest`` (its colour), ``direction``, ``tallest``, ``shortest``,
-    ``bars`` (left to right: ``(colour, height rank)``, 0 = shortest). They are what the demo
-    model's vision pretraining learns from.
+    The attributes (``qtype``, ``answer_text`` and, where they apply, ``count``, ``largest``,
+    ``kinds`` (kind -> colour), ``cells`` (the 2x2 grid row-major: ``(kind, colour)`` or None),
+    ``tallest``, ``shortest``, ``bars`` (left to right: ``(colour, height rank)``, 0 = shortest)) are what the demo model's vision pretraining learns from.
     """
     _check_split(split)
     n = DEFAULT_SIZES[split] if n is None else int(n)
     return [_make(split, seed, i) for i in range(start, start + n)]
 
 
-__all__ = ["generate", "generate_with_attributes", "SUBJECTS", "SKILLS", "SKILL_OF_SUBJECT", "SKILL_OF_TYPE",
-           "PALETTE", "COLOURS", "SHAPES", "DIRECTIONS", "QUESTION_TYPES", "SPLITS", "WORDS", "IMAGE_SIZE",
-           "VERSION"]
+__all__ = ["generate", "generate_with_attributes", "SUBJECTS", "SKILLS", "SKILL_OF_SUBJECT", "SKILL_OF_TYPE", "PALETTE", "COLOURS", "SHAPES",
+           "QUESTION_TYPES", "SPLITS", "WORDS", "IMAGE_SIZE"]
