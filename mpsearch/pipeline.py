@@ -377,15 +377,14 @@ def resolve_budgets(budget_ms: Any, budget_mb: Any, lat: Any, space: Any, layers
     """
     from mpsearch.formats import get_format, policy_memory_bytes
     from mpsearch.formats.base import dtype_format
-    from mpsearch.latency.validate import uniform_policies
     from mpsearch.policy import Policy
 
-    uniform = uniform_policies(space, layers)
+    uniform = space.uniform_policies(layers)
     full_fmt = dtype_format(next(model.parameters()).dtype)
     full_bits = get_format(full_fmt).bits
 
     def bits(p: Any) -> float:
-        return float(get_format(p.meta["uniform"]).bits) if "uniform" in p.meta else float(full_bits)
+        return float(get_format(p.meta["format"]).bits)
 
     ms = float(budget_ms) if budget_ms not in (None, "auto") else None
     mb = float(budget_mb) if budget_mb not in (None, "auto") else None

@@ -174,7 +174,7 @@ def pareto_front(results: Sequence[Any], path_stem: str | Path, proxy_front: Seq
                  budget_ms: float | None = None, budget_mb: float | None = None, title: str = "") -> list[Path]:
     """Measured trade-offs of evaluated policies, four panels, PNG and SVG.
 
-    Top: accuracy (with its 95% bootstrap interval) against measured latency and against
+    Top: accuracy (with its 95% Wilson interval) against measured latency and against
     weight memory. Bottom left: KL divergence to the full-precision model against measured
     latency (it separates policies whose accuracy differences are within the noise). Bottom
     right: the proxy front the search found (predicted latency against summed sensitivity),
@@ -194,7 +194,7 @@ def pareto_front(results: Sequence[Any], path_stem: str | Path, proxy_front: Seq
     ci = lambda r: (100.0 * r.accuracy_ci[0], 100.0 * r.accuracy_ci[1])  # noqa: E731
     _scatter_results(ax_lat, results, lambda r: r.latency_ms, pct, ci)
     ax_lat.set_xlabel("measured latency (ms)")
-    ax_lat.set_ylabel("accuracy (%), 95% bootstrap interval")
+    ax_lat.set_ylabel("accuracy (%), 95% Wilson interval")
     ax_lat.set_title("accuracy vs measured latency")
     _scatter_results(ax_mem, results, lambda r: (r.memory_bytes or math.nan) / 2**20, pct, ci)
     ax_mem.set_xlabel("model weight memory (MiB)")

@@ -8,7 +8,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plot", help="Pareto front, sensitivity heatmap, bit allocation, predicted vs measured latency",
         description="Draw the plots of a run from its artifacts (PNG and SVG): the measured Pareto front "
-                    "(latency and memory vs accuracy with bootstrap intervals, KL, the proxy front), the "
+                    "(latency and memory vs accuracy with Wilson intervals, KL, the proxy front), the "
                     "sensitivity heatmap, the bit allocation of a policy along depth and predicted vs "
                     "measured latency.")
     p.add_argument("results", nargs="?", default=None, help="results.jsonl (from `mpsearch evaluate` / `run`)")

@@ -28,20 +28,15 @@ def _baseline_policy(model: Any) -> Any:
 
 
 def _uniform_policies(model: Any, space: Any, baseline: Any, layers: Sequence[Any] | None) -> list[Any]:
-    from mpsearch.policy import Policy
-
+    """The space's uniform policies (:meth:`SearchSpace.uniform_policies`, the one way to make
+    them), the one equal to the baseline left out."""
     if layers is None:
         from mpsearch.models import discover_layers
 
         layers = discover_layers(model)
     out = []
-    for fmt in space.formats():
-        formats = {}
-        for layer in layers:
-            cands = space.candidates(layer)
-            formats[layer.name] = fmt if fmt in cands else cands[0]
-        pol = Policy(formats, default=baseline.default, meta={"label": f"uniform {fmt}", "uniform": fmt,
-                                                                "search_space": space.name})
+    for pol in space.uniform_policies(layers):
+        pol.meta.update(uniform=pol.meta["format"], search_space=space.name)
         if pol.key() != baseline.key():
             out.append(pol)
     return out
