@@ -43,30 +43,21 @@ Example:
 """
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Any, Callable
 
 from PIL import Image, ImageDraw
+
+# The pictures' palette, shapes and drawing, and the split buckets, are the demo set's own.
+from mpsearch.tasks.synthetic import (  # noqa: F401 - re-exported
+    _BUCKETS, BACKGROUND, COLOURS, PALETTE, SHAPES, SPLITS, _bucket, _check_split, _draw_shape)
 
 #: Version of the generator: a change of pictures or questions changes it.
 VERSION = 2
 IMAGE_SIZE = 128
 GRID = 4
 CELL = IMAGE_SIZE // GRID
-#: Palette order is the canonical order of colour options.
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "orange": (245, 140, 0),
-    "yellow": (235, 215, 0),
-    "green": (30, 170, 40),
-    "blue": (30, 70, 230),
-    "purple": (140, 40, 190),
-}
-COLOURS = list(PALETTE)
-SHAPES = ["circle", "square", "triangle"]
 DIRECTIONS = ["above", "below", "left", "right"]
-BACKGROUND = (255, 255, 255)
 SKILLS = ("perception", "reasoning")
 
 #: subject -> question types in it
@@ -96,10 +87,7 @@ _SUBJECT_OF = {t: s for s, types in SUBJECTS.items() for t in types}
 _IMG_TYPE = {s: ("Charts" if s == "Charts" else "Diagrams") for s in SUBJECTS}
 _DIFFICULTY = {t: ("Hard" if SKILL_OF_TYPE[t] == "reasoning" else "Easy") for t in QUESTION_TYPES}
 
-SPLITS = ("train", "dev", "validation")
 DEFAULT_SIZES = {"train": 200000, "dev": 200, "validation": 1008}
-# Hash bucket (of 4) each split owns: validation 0, dev 1, train 2 and 3.
-_BUCKETS = {"validation": (0,), "dev": (1,), "train": (2, 3)}
 
 # Vocabulary the generator can emit (questions and options), for tokenizer building.
 WORDS = sorted(set(
@@ -113,19 +101,6 @@ Cell = tuple  # (kind, colour, size_px)
 
 
 # ----------------------------------------------------------------------------- drawing
-def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, size: float, colour) -> None:
-    h = size / 2.0
-    if kind == "circle":
-        draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=colour)
-    elif kind == "square":
-        s = h * 0.9  # equal visual weight with the circle
-        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=colour)
-    elif kind == "triangle":
-        draw.polygon([(cx, cy - h), (cx - h, cy + h * 0.85), (cx + h, cy + h * 0.85)], fill=colour)
-    else:  # pragma: no cover - internal
-        raise ValueError(kind)
-
-
 def _render(rng: random.Random, cells: list[Cell | None]) -> Image.Image:
     """The picture of a 4x4 grid (row-major ``cells``): each shape jittered inside its cell."""
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
@@ -317,12 +292,6 @@ _MAKERS: dict[str, Callable[[random.Random], Made]] = {
 
 
 # ----------------------------------------------------------------------------- rows
-def _bucket(img: Image.Image, question: str) -> int:
-    h = hashlib.blake2b(img.tobytes(), digest_size=8)
-    h.update(question.encode())
-    return h.digest()[0] % 4
-
-
 def _make(split: str, seed: int, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
     qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]  # balanced types in every prefix
     attempt = 0
@@ -334,7 +303,7 @@ def _make(split: str, seed: int, index: int) -> tuple[dict[str, Any], dict[str, 
         attempt += 1
     subject = _SUBJECT_OF[qtype]
     row = {
-        "id": f"synthetic_{split}_{seed}_{index}",
+        "id": f"synthetic-reasoning_{split}_{seed}_{index}",
         "question": f"<image 1> {question}",
         "options": repr(options),
         "answer": chr(ord("A") + options.index(answer)),
@@ -349,11 +318,6 @@ def _make(split: str, seed: int, index: int) -> tuple[dict[str, Any], dict[str, 
     }
     attrs = {"qtype": qtype, "answer_text": answer, **attrs}
     return row, attrs
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
 
 def generate(split: str, n: int | None = None, seed: int = 0, start: int = 0) -> list[dict[str, Any]]:
