@@ -7,6 +7,7 @@ With ``--to compressed-tensors`` (or ``--to torchao``) the input may also be a p
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,36 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mpsearch.artifacts import read_jsonl
-    from mpsearch.errors import MpsError
-    from mpsearch.evaluation import read_results
     from mpsearch.models import discover_layers, load_vlm
-    from mpsearch.pipeline import choose, export_result
+    from mpsearch.pipeline import export_result
 
     if args.to is not None:
         return _run_to(args)
     if args.output is None:
         args.output = "policy.yaml"
 
-    results = read_results(args.results)
-    records = read_jsonl(args.results)
-    if args.benchmark:
-        results = [r for r in results if r.benchmark == args.benchmark]
-    if args.mode:
-        results = [r for r in results if r.mode == args.mode]
-    if not results:
-        raise MpsError(f"{args.results}: no results" + (" match the filters" if args.benchmark or args.mode else ""))
-    # the full-precision baseline first: --max-accuracy-drop is measured from it
-    ordered = [r for r in results if r.baseline] + [r for r in results if not r.baseline]
-    if args.max_accuracy_drop is not None and not ordered[0].baseline:
-        raise MpsError(f"{args.results}: no full-precision baseline result to measure the accuracy drop from")
-    drop = args.max_accuracy_drop / 100.0 if args.max_accuracy_drop is not None else None
-    chosen = choose(ordered, budget_ms=args.best_under_ms, budget_mb=args.best_under_mb, max_accuracy_drop=drop)
-    prov = next((r.get("provenance", {}) for r in records
-                 if r.get("result", {}).get("policy_key") == chosen.policy.key()), {})
-    model_name = args.model or prov.get("model")
-    if not model_name:
-        raise MpsError(f"{args.results}: the results do not name their model; pass --model")
+    chosen, prov, model_name = _best_result(args)
     model, _ = load_vlm(model_name, load_processor=False)
     export_result(chosen, args.output, discover_layers(model), model_name=model_name, revision=prov.get("revision"),
                   workload=prov.get("workload") or {}, device=prov.get("device") or "unknown",
@@ -95,7 +75,8 @@ def _run_to(args: argparse.Namespace) -> int:
         if not model_name:
             raise MpsError(f"{source}: the precision map names no model; pass --model")
     else:
-        policy, model_name = _best_result(args)
+        chosen, _, model_name = _best_result(args)
+        policy = chosen.policy
     space = None
     if args.space:
         from mpsearch.space import SearchSpace
@@ -108,8 +89,10 @@ def _run_to(args: argparse.Namespace) -> int:
     return 0
 
 
-def _best_result(args: argparse.Namespace) -> tuple[object, str]:
-    """The policy ``mpsearch export RESULTS`` would write, and its model name."""
+def _best_result(args: argparse.Namespace) -> tuple[Any, dict, str]:
+    """The result ``mpsearch export RESULTS`` picks (:func:`mpsearch.pipeline.choose`; the
+    full-precision baseline first, since ``--max-accuracy-drop`` is measured from it), its
+    record's provenance and its model name."""
     from mpsearch.artifacts import read_jsonl
     from mpsearch.errors import MpsError
     from mpsearch.evaluation import read_results
@@ -133,4 +116,4 @@ def _best_result(args: argparse.Namespace) -> tuple[object, str]:
     model_name = args.model or prov.get("model")
     if not model_name:
         raise MpsError(f"{args.results}: the results do not name their model; pass --model")
-    return chosen.policy, model_name
+    return chosen, prov, model_name
