@@ -39,7 +39,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mpsearch.tasks import synthetic  # noqa: E402
-from mpsearch.tasks.prompts import encode_batch, mmmu_prompt, option_letters, parse_options  # noqa: E402
+from mpsearch.tasks.prompts import encode_batch, option_letters, parse_options  # noqa: E402
 
 DEFAULT_OUT = ROOT / "mpsearch" / "demo"
 
@@ -65,14 +65,15 @@ CONFIG = {
 
 
 # ----------------------------------------------------------------------------- building
-def build_tokenizer():
+def build_tokenizer(words_of_benchmark: list[str] | None = None):
+    """A word-level tokenizer over the benchmark's words (default: the demo set's)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     from mpsearch.tasks.prompts import MC_INSTRUCTION, OPEN_INSTRUCTION
 
     words: list[str] = []
-    corpus = " ".join(synthetic.WORDS) + " " + MC_INSTRUCTION + " " + OPEN_INSTRUCTION + " USER: ASSISTANT: SYSTEM:"
+    corpus = " ".join(synthetic.WORDS if words_of_benchmark is None else words_of_benchmark) + " " + MC_INSTRUCTION + " " + OPEN_INSTRUCTION + " USER: ASSISTANT: SYSTEM:"
     pre = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(),
         pre_tokenizers.Punctuation(behavior="isolated"),
@@ -98,23 +99,26 @@ def build_tokenizer():
     return tok
 
 
-def build_processor():
+def build_processor(config: dict | None = None, words_of_benchmark: list[str] | None = None):
+    """The LlavaProcessor for ``config`` (default :data:`CONFIG`) and the benchmark's words."""
+    config = CONFIG if config is None else config
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    tok = build_tokenizer()
-    s = CONFIG["image_size"]
+    tok = build_tokenizer(words_of_benchmark)
+    s = config["image_size"]
     ip = CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
                             do_center_crop=True, do_resize=True, do_convert_rgb=True)
-    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=CONFIG["patch_size"],
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=config["patch_size"],
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=CHAT_TEMPLATE, image_token=SPECIAL["image"])
 
 
-def build_model(processor, seed: int):
+def build_model(processor, seed: int, config: dict | None = None):
+    """The LlavaForConditionalGeneration of ``config`` (default :data:`CONFIG`), seeded."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tok = processor.tokenizer
-    c = CONFIG
+    c = CONFIG if config is None else config
     vision = CLIPVisionConfig(image_size=c["image_size"], patch_size=c["patch_size"], hidden_size=c["vision_hidden"],
                               intermediate_size=c["vision_mlp"], num_hidden_layers=c["vision_layers"],
                               num_attention_heads=c["vision_heads"], projection_dim=c["vision_hidden"],

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shutil
 import sys
 import time
@@ -43,23 +41,14 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mpsearch.tasks import synthetic_reasoning as synthetic  # noqa: E402
-from mpsearch.tasks.prompts import encode_batch, mmmu_prompt, option_letters, parse_options  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_demo_model as base  # noqa: E402  (the shipped demo's recipe: building, batching, schedule)
+from train_demo_model import Encoder, lr_at, open_variant, param_groups, save_state, vision_feats  # noqa: E402,F401
+from mpsearch.tasks.prompts import encode_batch, option_letters, parse_options  # noqa: E402
 
 DEFAULT_OUT = ROOT / "runs" / "reasoning-demo"
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% if not loop.last %} {% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% endif %}{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>", "image": "<image>"}
 
 CONFIG = {
     "image_size": 128, "patch_size": 16,
@@ -69,167 +58,14 @@ CONFIG = {
 
 
 # ----------------------------------------------------------------------------- building
-def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from mpsearch.tasks.prompts import MC_INSTRUCTION, OPEN_INSTRUCTION
-
-    words: list[str] = []
-    corpus = " ".join(synthetic.WORDS) + " " + MC_INSTRUCTION + " " + OPEN_INSTRUCTION + " USER: ASSISTANT: SYSTEM:"
-    pre = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Punctuation(behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-    ])
-    words += [w for w, _ in pre.pre_tokenize_str(corpus)]
-    words += [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    words += list("0123456789") + list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
-    words += ["image", "Image", "Question", "Answer", "Options", "option", "options"]
-    vocab: dict[str, int] = {}
-    for tok in [SPECIAL["pad"], SPECIAL["bos"], SPECIAL["eos"], SPECIAL["unk"], SPECIAL["image"]] + words:
-        vocab.setdefault(tok, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL["unk"]))
-    tk.pre_tokenizer = pre
-    tk.post_processor = processors.TemplateProcessing(
-        single=f"{SPECIAL['bos']} $A", pair=f"{SPECIAL['bos']} $A $B",
-        special_tokens=[(SPECIAL["bos"], vocab[SPECIAL["bos"]])])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token=SPECIAL["bos"], eos_token=SPECIAL["eos"], unk_token=SPECIAL["unk"],
-        pad_token=SPECIAL["pad"], extra_special_tokens={"image_token": SPECIAL["image"]},
-        model_max_length=512, padding_side="right")
-    tok.add_special_tokens({"additional_special_tokens": [SPECIAL["image"]]})
-    return tok
-
-
 def build_processor():
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    tok = build_tokenizer()
-    s = CONFIG["image_size"]
-    ip = CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
-                            do_center_crop=True, do_resize=True, do_convert_rgb=True)
-    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=CONFIG["patch_size"],
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE, image_token=SPECIAL["image"])
+    """The demo recipe's processor, with this model's image size and this benchmark's words."""
+    return base.build_processor(CONFIG, synthetic.WORDS)
 
 
 def build_model(processor, seed: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    tok = processor.tokenizer
-    c = CONFIG
-    vision = CLIPVisionConfig(image_size=c["image_size"], patch_size=c["patch_size"], hidden_size=c["vision_hidden"],
-                              intermediate_size=c["vision_mlp"], num_hidden_layers=c["vision_layers"],
-                              num_attention_heads=c["vision_heads"], projection_dim=c["vision_hidden"],
-                              hidden_act="gelu")
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=c["text_hidden"], intermediate_size=c["text_mlp"],
-                       num_hidden_layers=c["text_layers"], num_attention_heads=c["text_heads"],
-                       num_key_value_heads=c["text_heads"], max_position_embeddings=512,
-                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, rope_theta=10000.0)
-    n_img = (c["image_size"] // c["patch_size"]) ** 2
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(SPECIAL["image"]),
-                      projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
-                      image_seq_length=n_img, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg)
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.max_new_tokens = 8
-    model.generation_config.do_sample = False
-    return model
-
-
-def param_groups(model) -> dict[str, int]:
-    out = {"vision": 0, "projector": 0, "language": 0, "head": 0}
-    for name, p in model.named_parameters():
-        if "vision_tower" in name:
-            out["vision"] += p.numel()
-        elif "multi_modal_projector" in name:
-            out["projector"] += p.numel()
-        elif "lm_head" in name:
-            out["head"] += p.numel()
-        else:
-            out["language"] += p.numel()
-    out["total"] = sum(out.values())
-    return out
-
-
-# ----------------------------------------------------------------------------- fast batching
-class Encoder:
-    """``encode_batch``'s exact output, fast: token ids cached per distinct prompt and answer,
-    pixels normalized in numpy. Checked against ``encode_batch`` at start (``verify``)."""
-
-    def __init__(self, processor):
-        self.processor = processor
-        self.tok = processor.tokenizer
-        ip = processor.image_processor
-        self.mean = np.asarray(ip.image_mean, dtype=np.float32).reshape(1, 1, 3)
-        self.std = np.asarray(ip.image_std, dtype=np.float32).reshape(1, 1, 3)
-        self.cache: dict[tuple, tuple[list[int], int]] = {}
-
-    def _key(self, s, answer):
-        return (s["question"], s.get("options"), s.get("question_type"), answer)
-
-    def _ids(self, s, answer):
-        k = self._key(s, answer)
-        if k not in self.cache:
-            enc = encode_batch(self.processor, [s], answers=None if answer is None else [answer])
-            ids = enc["input_ids"][0].tolist()
-            if answer is None:
-                self.cache[k] = (ids, len(ids))
-            else:
-                first = int((enc["labels"][0] != -100).nonzero()[0])
-                self.cache[k] = (ids, first)
-        return self.cache[k]
-
-    def pixels(self, images):
-        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 255.0
-        arr = (arr * np.float32(1.0) - self.mean) / self.std  # noqa: PLR6104
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
-
-    def __call__(self, samples, answers=None):
-        rows = [self._ids(s, None if answers is None else a) for s, a in zip(samples, answers or [None] * len(samples))]
-        L = max(len(ids) for ids, _ in rows)
-        pad = self.tok.pad_token_id
-        input_ids = torch.full((len(rows), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), L), dtype=torch.long)
-        labels = torch.full((len(rows), L), -100, dtype=torch.long)
-        last = torch.zeros(len(rows), dtype=torch.long)
-        for i, (ids, first) in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
-            labels[i, first: len(ids)] = torch.tensor(ids[first:])
-            last[i] = first - 1
-        out = {"input_ids": input_ids, "attention_mask": mask,
-               "pixel_values": self.pixels([s["image_1"] for s in samples]), "prompt_last": last}
-        if answers is not None:
-            out["labels"] = labels
-        return out
-
-    def verify(self, samples, answers):
-        ref = encode_batch(self.processor, samples, answers=answers)
-        mine = self(samples, answers)
-        for k in ("input_ids", "attention_mask", "labels", "prompt_last"):
-            if not torch.equal(ref[k], mine[k]):
-                raise AssertionError(f"fast encoder differs from encode_batch on {k}")
-        if not torch.allclose(ref["pixel_values"].float(), mine["pixel_values"], atol=1e-5):
-            raise AssertionError("fast encoder differs from encode_batch on pixel_values")
-        ref = encode_batch(self.processor, samples)
-        mine = self(samples)
-        for k in ("input_ids", "attention_mask", "prompt_last"):
-            if not torch.equal(ref[k], mine[k]):
-                raise AssertionError(f"fast encoder differs from encode_batch (no answers) on {k}")
-
-
-def open_variant(row, attrs):
-    """The same picture and question, open-ended (answer: the word), for the auxiliary mix."""
-    r = dict(row)
-    r["question_type"] = "open"
-    r["options"] = "[]"
-    return r, attrs["answer_text"]
+    """The demo recipe's LLaVA at this recipe's :data:`CONFIG`."""
+    return base.build_model(processor, seed, CONFIG)
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -325,9 +161,6 @@ def attr_loss(logits, targets):
     return total
 
 
-def vision_feats(model, pixel_values):
-    out = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-    return out.hidden_states[-1][:, 1:]  # what LLaVA feeds the projector (layer -1, CLS dropped)
 
 
 @torch.no_grad()
@@ -435,20 +268,6 @@ def evaluate_attrs(model, head, enc, pairs):
 
 
 # ----------------------------------------------------------------------------- training
-def lr_at(step, total, base, warmup):
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def save_state(path: Path, **state):
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path / "state.pt")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
