@@ -208,32 +208,42 @@ def _bucket(img: Image.Image, question: str) -> int:
     return h.digest()[0] % 4
 
 
-def _make(split: str, seed: int, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]  # balanced subjects in every prefix
+def draw_row(stream: str, row_id: str, split: str, qtype: str, make: Any, subject: str, skill: str,
+             img_type: str, difficulty: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One MMMU-schema row drawn by ``make(rng)`` from ``random.Random(f"{stream}/{attempt}")``,
+    redrawn until the picture and question hash into ``split``'s bucket; and its attributes.
+
+    Shared by the synthetic sets (this one and :mod:`mpsearch.tasks.synthetic_reasoning`).
+    """
     attempt = 0
     while True:
-        rng = random.Random(f"mpsearch-synthetic/{split}/{seed}/{index}/{attempt}")
-        img, question, options, answer, attrs = _MAKERS[qtype](rng)
+        rng = random.Random(f"{stream}/{attempt}")
+        img, question, options, answer, attrs = make(rng)
         if _bucket(img, question) in _BUCKETS[split]:
             break
         attempt += 1
-    subject = _SUBJECT_OF[qtype]
     row = {
-        "id": f"synthetic_{split}_{seed}_{index}",
+        "id": row_id,
         "question": f"<image 1> {question}",
         "options": repr(options),
         "answer": chr(ord("A") + options.index(answer)),
         "image_1": img,
         **{f"image_{i}": None for i in range(2, 8)},
         "subject": subject,
-        "skill": SKILL_OF_TYPE[qtype],
+        "skill": skill,
         "question_type": "multiple-choice",
-        "img_type": _IMG_TYPE[subject],
-        "topic_difficulty": _DIFFICULTY[qtype],
+        "img_type": img_type,
+        "topic_difficulty": difficulty,
         "explanation": "",
     }
-    attrs = {"qtype": qtype, "answer_text": answer, **attrs}
-    return row, attrs
+    return row, {"qtype": qtype, "answer_text": answer, **attrs}
+
+
+def _make(split: str, seed: int, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]  # balanced subjects in every prefix
+    subject = _SUBJECT_OF[qtype]
+    return draw_row(f"mpsearch-synthetic/{split}/{seed}/{index}", f"synthetic_{split}_{seed}_{index}", split, qtype,
+                    _MAKERS[qtype], subject, SKILL_OF_TYPE[qtype], _IMG_TYPE[subject], _DIFFICULTY[qtype])
 
 
 def _check_split(split: str) -> None:

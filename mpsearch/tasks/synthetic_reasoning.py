@@ -50,7 +50,7 @@ from PIL import Image, ImageDraw
 
 # The pictures' palette, shapes and drawing, and the split buckets, are the demo set's own.
 from mpsearch.tasks.synthetic import (  # noqa: F401 - re-exported
-    _BUCKETS, BACKGROUND, COLOURS, PALETTE, SHAPES, SPLITS, _bucket, _check_split, _draw_shape)
+    BACKGROUND, COLOURS, PALETTE, SHAPES, SPLITS, _check_split, _draw_shape, draw_row)
 
 #: Version of the generator: a change of pictures or questions changes it.
 VERSION = 2
@@ -294,30 +294,10 @@ _MAKERS: dict[str, Callable[[random.Random], Made]] = {
 # ----------------------------------------------------------------------------- rows
 def _make(split: str, seed: int, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
     qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]  # balanced types in every prefix
-    attempt = 0
-    while True:
-        rng = random.Random(f"mpsearch-synthetic-v{VERSION}/{split}/{seed}/{index}/{attempt}")
-        img, question, options, answer, attrs = _MAKERS[qtype](rng)
-        if _bucket(img, question) in _BUCKETS[split]:
-            break
-        attempt += 1
     subject = _SUBJECT_OF[qtype]
-    row = {
-        "id": f"synthetic-reasoning_{split}_{seed}_{index}",
-        "question": f"<image 1> {question}",
-        "options": repr(options),
-        "answer": chr(ord("A") + options.index(answer)),
-        "image_1": img,
-        **{f"image_{i}": None for i in range(2, 8)},
-        "subject": subject,
-        "skill": SKILL_OF_TYPE[qtype],
-        "question_type": "multiple-choice",
-        "img_type": _IMG_TYPE[subject],
-        "topic_difficulty": _DIFFICULTY[qtype],
-        "explanation": "",
-    }
-    attrs = {"qtype": qtype, "answer_text": answer, **attrs}
-    return row, attrs
+    return draw_row(f"mpsearch-synthetic-v{VERSION}/{split}/{seed}/{index}",
+                    f"synthetic-reasoning_{split}_{seed}_{index}", split, qtype, _MAKERS[qtype], subject,
+                    SKILL_OF_TYPE[qtype], _IMG_TYPE[subject], _DIFFICULTY[qtype])
 
 
 def generate(split: str, n: int | None = None, seed: int = 0, start: int = 0) -> list[dict[str, Any]]:
