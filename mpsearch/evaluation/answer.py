@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from mpsearch.errors import MpsError
+from mpsearch.models.params import model_device, model_dtype
 
 __all__ = ["letter_token_ids", "run_pass", "Pass", "model_dtype", "model_device"]
 
@@ -51,23 +52,6 @@ def letter_token_ids(processor: Any, prompt_text: str, letters: Sequence[str]) -
                            f"generation prompt; use mode='generate'")
         out[letter] = ids
     return out
-
-
-def model_dtype(model: Any) -> Any:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    import torch
-
-    return torch.float32
-
-
-def model_device(model: Any) -> Any:
-    for p in model.parameters():
-        return p.device
-    import torch
-
-    return torch.device("cpu")
 
 
 def _to_model(batch: Mapping[str, Any], model: Any) -> dict[str, Any]:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from mpsearch.errors import ArtifactError, MpsError
-from mpsearch.evaluation.answer import Pass, letter_token_ids, model_device, model_dtype, run_pass
+from mpsearch.evaluation.answer import Pass, letter_token_ids, run_pass
+from mpsearch.models.params import model_device, model_dtype
 from mpsearch.evaluation.scoring import skill_accuracy, wilson_ci
 from mpsearch.evaluation.store import RECORD_KIND, Result
 

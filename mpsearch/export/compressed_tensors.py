@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from mpsearch.errors import MpsError
+from mpsearch.models.params import model_dtype
 
 INSTALL = "pip install 'mpsearch[export]'"
 FORMAT_NAME = "compressed-tensors"
@@ -311,7 +312,7 @@ def write_checkpoint(model: nn.Module, policy: Any, out_dir: str | Path, process
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise MpsError(f"{out} exists and is not an empty directory; choose another -o or pass overwrite=True")
-    dtype = _model_dtype(model)
+    dtype = model_dtype(model)
     # every module is built (and checked) before anything is written
     tensors = _base_state_dict(model, plan.formats)
     for layer in plan.layers:
@@ -340,13 +341,6 @@ def write_checkpoint(model: nn.Module, policy: Any, out_dir: str | Path, process
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    dtype = getattr(model, "dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
 
 
 def _save(model: nn.Module, tensors: dict[str, torch.Tensor], out: Path) -> None:

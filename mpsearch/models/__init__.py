@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from mpsearch.models.layer import Layer, group_summary, layers_from_names
     from mpsearch.models.load import DEMO_DIR, load_vlm
     from mpsearch.models.modules import get_module, set_module
+    from mpsearch.models.params import model_device, model_dtype
     from mpsearch.models.source import model_info, model_source, record_source
     from mpsearch.models.tiny import TINY_ARCHS, build_tiny_vlm
 
@@ -54,6 +55,8 @@ _EXPORTS: dict[str, str] = {
     "UNSWAPPABLE_PARENTS": "discover",
     "get_module": "modules",
     "set_module": "modules",
+    "model_device": "params",
+    "model_dtype": "params",
     "load_vlm": "load",
     "DEMO_DIR": "load",
     "build_tiny_vlm": "tiny",

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mpsearch.errors import MpsError
+from mpsearch.models.params import model_device, model_dtype
 
 #: Keys of a calibration batch that are not model inputs.
 NON_INPUTS = ("prompt_last", "labels")
@@ -135,25 +136,6 @@ def greedy_answers(model: nn.Module, processor: Any, rows: Sequence[Mapping[str,
         new = gen[:, inputs["input_ids"].shape[1]:]
         out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
     return out
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The model's floating dtype (``model.dtype``, else its first floating parameter's)."""
-    dt = getattr(model, "dtype", None)
-    if isinstance(dt, torch.dtype):
-        return dt
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,8 +34,8 @@ from torch import nn
 
 from mpsearch.errors import MpsError
 from mpsearch.sensitivity.activation import MAX_GRAM_MB, activation_score, input_grams, layer_chunks
-from mpsearch.sensitivity.calib import (answer_loss, calibration_batches, model_device, model_dtype, n_answer_tokens,
-                                        unreached)
+from mpsearch.models.params import model_device, model_dtype
+from mpsearch.sensitivity.calib import answer_loss, calibration_batches, n_answer_tokens, unreached
 from mpsearch.sensitivity.fisher import fisher_diagonal, fisher_score
 from mpsearch.sensitivity.hessian import UNCERTAIN_ACTION, hutchinson, scoring_traces
 from mpsearch.sensitivity.kl import kl_scores, reference_logits
