@@ -163,10 +163,19 @@ class Format:
         # on the meta device: no random init of a weight that is overwritten at once (that init
         # was half the cost of a cast's quantize_weight, a large share of the hessian profile)
         lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta", dtype=w.dtype)
-        lin.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
-        module = self.make_module(lin)
+        lin.weight = nn.Parameter(w.detach(), requires_grad=False)
+        self.validate(lin)  # the module path's refusals (shape, dtype, device), whichever path runs
         with torch.no_grad():
-            return self.dequantized(module.inner).to(torch.float32)
+            return self._dequantize_weight(lin).to(torch.float32)
+
+    def _dequantize_weight(self, linear: nn.Linear) -> torch.Tensor:
+        """``dequantized(build(linear))`` for a validated, bias-free ``linear``.
+
+        This default builds the real module. A format overrides it where it can compute the
+        same tensor without the kernel's packing (``tests/test_formats_fast_dequant.py`` checks
+        every registered format: the override equals the module's weight exactly).
+        """
+        return self.dequantized(self.build(linear))
 
     def bits_per_weight(self, in_features: int, out_features: int) -> float:
         """Effective bits per weight including scales and metadata (no bias)."""

@@ -33,8 +33,9 @@ class CastFormat(Format):
         return self.dtype
 
     def build(self, linear: nn.Linear) -> nn.Module:
-        out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                        device=linear.weight.device, dtype=self.dtype)
+        # skip_init: no random init of a weight overwritten at once (it was most of the cost)
+        out = nn.utils.skip_init(nn.Linear, linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                 device=linear.weight.device, dtype=self.dtype)
         out.weight.copy_(linear.weight)
         if linear.bias is not None:
             out.bias.copy_(linear.bias)

@@ -150,6 +150,10 @@ class RTNFormat(Format):
     def build(self, linear: nn.Linear) -> nn.Module:
         return RTNLinear.from_linear(linear, int(self.bits))
 
+    def _dequantize_weight(self, linear: nn.Linear) -> torch.Tensor:
+        # the module's weight without packing the codes (pack / unpack is the identity)
+        return dequantize_rtn(*quantize_rtn(linear.weight.detach(), int(self.bits)))
+
     def dequantized(self, inner: nn.Module) -> torch.Tensor:
         return inner.dequantize()
 

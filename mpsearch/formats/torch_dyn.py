@@ -70,7 +70,7 @@ class TorchDynamicInt8Format(Format):
     def build(self, linear: nn.Linear) -> nn.Module:
         from torch.ao.quantization import per_channel_dynamic_qconfig
 
-        ref = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        ref = nn.utils.skip_init(nn.Linear, linear.in_features, linear.out_features, bias=linear.bias is not None)
         ref.weight.copy_(linear.weight)
         if linear.bias is not None:
             ref.bias.copy_(linear.bias)
@@ -79,6 +79,20 @@ class TorchDynamicInt8Format(Format):
             warnings.filterwarnings("ignore", message=".*quantized tensor creation.*deprecated.*")
             warnings.filterwarnings("ignore", message=".*quantize_per_.*deprecated.*")
             return _dq_module().from_float(ref)
+
+    def _dequantize_weight(self, linear: nn.Linear) -> torch.Tensor:
+        # from_float's own weight quantization (observer, qparams, quantize_per_channel)
+        # without the three prepack calls it makes; prepacking int8 codes is lossless
+        from torch.ao.nn.quantized.modules.utils import _quantize_weight
+        from torch.ao.quantization import per_channel_dynamic_qconfig
+
+        w = linear.weight.detach().float()
+        observer = per_channel_dynamic_qconfig.weight()
+        observer(w)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantize_per_.*deprecated.*")
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation.*deprecated.*")
+            return _quantize_weight(w, observer).dequantize()
 
     def dequantized(self, inner: nn.Module) -> torch.Tensor:
         w, _ = inner._packed_params._weight_bias()
