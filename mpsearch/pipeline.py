@@ -16,15 +16,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from mpsearch.hashing import json_key, file_key
 from mpsearch._yaml import load_yaml
 from mpsearch.artifacts import atomic_write_json, atomic_write_text, provenance
+from mpsearch.configs import EvaluateConfig, LatencyConfig, ProfileConfig, RefineConfig, SearchConfig
 from mpsearch.errors import MpsError
 from mpsearch.schemas import RUN_SCHEMA  # the run config's schema: mpsearch.schemas.RunConfigFile
 
@@ -100,17 +100,53 @@ class RunConfig:
         """Plain dict (goes into provenance)."""
         return dataclasses.asdict(self)
 
+    # -- the stages' configs (the run's fields, composed per workflow) -----------------------
+    def profile_config(self) -> ProfileConfig:
+        """The profile stage's settings. Example:
+            >>> RunConfig().profile_config().method
+            'kl'
+        """
+        return ProfileConfig(method=self.method, n_samples=self.calib_samples, seed=self.seed,
+                             batch_size=self.batch_size, n_probes=self.n_probes, model_name=self.model)
+
+    def latency_config(self, cache_dir: str | None = None) -> LatencyConfig:
+        """The latency stage's settings (``workload`` built from the run's ``workload`` field)."""
+        from mpsearch.latency import Workload
+
+        return LatencyConfig(workload=Workload(**self.workload), cache_dir=cache_dir)
+
+    def search_config(self, budget_ms: float | None, budget_mb: float | None, study_name: str | None = None) -> SearchConfig:
+        """The proxy search's settings under the resolved budgets."""
+        return SearchConfig(budget_ms=budget_ms, budget_mb=budget_mb, n_trials=self.search_trials,
+                            storage=self.storage, seed=self.seed, sampler=self.sampler, study_name=study_name)
+
+    def refine_config(self, budget_ms: float | None, budget_mb: float | None, storage: Any,
+                      study_name: str | None = None) -> RefineConfig:
+        """Refinement's settings under the resolved budgets (``storage``: where the study lives)."""
+        from mpsearch.latency import Workload
+
+        return RefineConfig(budget_ms=budget_ms, budget_mb=budget_mb, n_trials=self.refine_trials, storage=storage,
+                            study_name=study_name, seed=self.seed, workload=Workload(**self.workload),
+                            n_samples=self.calib_samples, batch_size=self.batch_size)
+
+    def evaluate_config(self, results_path: Any = None, latency_table: Any = None) -> EvaluateConfig:
+        """Evaluation's settings (``results_path``: the run's JSONL; ``latency_table``: predictions)."""
+        from mpsearch.latency import Workload
+
+        return EvaluateConfig(mode=self.mode, batch_size=self.batch_size, results_path=results_path,
+                              workload=Workload(**self.workload), latency_table=latency_table, seed=self.seed,
+                              max_new_tokens=self.max_new_tokens)
+
 
 # -- stage bookkeeping ------------------------------------------------------------------
 def inputs_key(obj: Any) -> str:
     """Stable hash of a JSON-able description of a stage's inputs."""
-    blob = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+    return json_key(obj)
 
 
 def file_hash(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (first 16 hex digits)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    """A file's bytes' key (:func:`mpsearch.hashing.file_key`)."""
+    return file_key(path)
 
 
 class Manifest:
@@ -191,7 +227,6 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
     # The proxy search is cheap (seconds in memory; a SQLite transaction per parameter would
     # dominate it), so it runs in memory unless a storage is configured; refine, which spends
     # real model time per trial, always lives in a storage so an interrupted run resumes it.
-    search_storage = cfg.storage
     storage = cfg.storage or f"sqlite:///{(out / 'studies.db').resolve()}"
 
     def stage(name: str) -> Callable[[], None]:
@@ -233,9 +268,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
         sens = SensitivityReport.from_json(sens_path)
         log(f"[profile] reusing {sens_path}")
     else:
-        sens = profile(model, processor, list(calib_bench), layers, space, method=cfg.method,
-                       n_samples=cfg.calib_samples, seed=cfg.seed, batch_size=cfg.batch_size,
-                       n_probes=cfg.n_probes, model_name=cfg.model)
+        sens = profile(model, processor, list(calib_bench), layers, space, config=cfg.profile_config())
         sens.to_json(sens_path)
         manifest.record("profile", key, sens_path)
     done()
@@ -248,7 +281,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
         lat = LatencyTable.from_json(lat_path)
         log(f"[latency] reusing {lat_path}")
     else:
-        lat = measure_latency_table(model, layers, space, workload, cache_dir=str(out / "cache"))
+        lat = measure_latency_table(model, layers, space, config=cfg.latency_config(cache_dir=str(out / "cache")))
         lat.to_json(lat_path)
         manifest.record("latency", key, lat_path)
     done()
@@ -272,9 +305,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
         front = read_front(front_path)
         log(f"[search] reusing {front_path}")
     else:
-        front = search(sens, lat, space, budget_ms=budget_ms, budget_mb=budget_mb, n_trials=cfg.search_trials,
-                       storage=search_storage, study_name=f"search-{key}", seed=cfg.seed, sampler=cfg.sampler,
-                       layers=layers, model=model)
+        front = search(sens, lat, space, layers=layers, model=model,
+                       config=cfg.search_config(budget_ms, budget_mb, study_name=f"search-{key}"))
         write_front(front_path, front, model=cfg.model, budget_ms=budget_ms, budget_mb=budget_mb, stage="search")
         manifest.record("search", key, front_path)
     ilp_policy = solve_ilp(sens, lat, space, budget_ms=budget_ms, budget_mb=budget_mb, layers=layers, model=model)
@@ -298,9 +330,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
     else:
         batches = calibration_batches(model, processor, list(calib_bench), n_samples=cfg.calib_samples,
                                       batch_size=cfg.batch_size, seed=cfg.seed)
-        refined = refine(model, processor, front, batches=batches, space=space, workload=workload,
-                         n_trials=cfg.refine_trials, storage=storage, study_name=f"refine-{key}",
-                         budget_ms=budget_ms, budget_mb=budget_mb, seed=cfg.seed, layers=layers, lat=lat, sens=sens)
+        refined = refine(model, processor, front, space, batches=batches, layers=layers, lat=lat, sens=sens,
+                         config=cfg.refine_config(budget_ms, budget_mb, storage, study_name=f"refine-{key}"))
         write_front(refined_path, refined, model=cfg.model, budget_ms=budget_ms, budget_mb=budget_mb,
                     stage="refine")
         manifest.record("refine", key, refined_path)
@@ -313,9 +344,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
     if not refined:
         log("[evaluate] refine found no policy whose measured cost meets the budget; evaluating the proxy front")
     picks = pick_for_evaluation(refined or front, cfg.top_k)
-    results = evaluate(model, processor, [ilp_policy] + picks, bench, mode=cfg.mode, batch_size=cfg.batch_size,
-                       results_path=out / "results.jsonl", space=space, workload=workload, latency_table=lat,
-                       include_baselines=True, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, layers=layers)
+    results = evaluate(model, processor, [ilp_policy] + picks, bench, space=space, layers=layers,
+                       config=cfg.evaluate_config(results_path=out / "results.jsonl", latency_table=lat))
     done()
 
     # 6. export the best policy under the budget

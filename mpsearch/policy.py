@@ -13,14 +13,13 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
 
+from mpsearch.hashing import json_key
 from mpsearch._yaml import load_yaml
 from mpsearch.artifacts import atomic_write_text, provenance as _provenance
 from mpsearch.errors import MpsError
@@ -98,8 +97,7 @@ class Policy:
         list layers explicitly or lean on the default.
         """
         explicit = {k: v for k, v in sorted(self.formats.items()) if v != self.default}
-        blob = json.dumps({"default": self.default, "formats": explicit, "rules": self.rules}, sort_keys=True)
-        return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
+        return json_key({"default": self.default, "formats": explicit, "rules": self.rules}, n=12)
 
     @property
     def label(self) -> str:

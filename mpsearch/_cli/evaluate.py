@@ -91,11 +91,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
         table = LatencyTable.from_json(args.latency_table)
     model, processor = load_model(args)
-    results = evaluate(model, processor, policies, bench, mode=args.mode, batch_size=args.batch_size,
-                       results_path=args.output, space=space, workload=workload, latency_table=table,
-                       include_baselines=not args.no_baselines, seed=args.seed,
-                       max_new_tokens=args.max_new_tokens, placement=args.placement, fallback=args.fallback,
-                       measure_latency=not args.no_latency)
+    from mpsearch.configs import EvaluateConfig
+
+    config = EvaluateConfig(mode=args.mode, batch_size=args.batch_size, results_path=args.output, workload=workload,
+                            latency_table=table, include_baselines=not args.no_baselines, seed=args.seed,
+                            max_new_tokens=args.max_new_tokens, placement=args.placement, fallback=args.fallback,
+                            measure_latency=not args.no_latency)
+    results = evaluate(model, processor, policies, bench, space=space, config=config)
     print(f"{bench.name} {bench.split} ({len(bench)} questions, from {bench.source}), mode {args.mode}")
     for note in bench.notes:
         print(f"  note: {note}")

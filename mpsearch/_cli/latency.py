@@ -77,8 +77,11 @@ def run(args: argparse.Namespace) -> int:
                 raise
             print(f"note: {exc}; building the timing inputs with the model's processor instead", file=sys.stderr)
             workload = workload.with_(processor=processor)
-    table = measure_latency_table(model, layers, space, workload, cache_dir=args.cache_dir, method=args.method,
-                                  mixed=args.mixed, progress=not args.no_progress)
+    from mpsearch.configs import LatencyConfig
+
+    config = LatencyConfig(workload=workload, cache_dir=args.cache_dir, method=args.method, mixed=args.mixed,
+                           progress=not args.no_progress)
+    table = measure_latency_table(model, layers, space, config=config)
     out = print
     _summary(out, model, layers, space, table, workload)
     if args.validate:

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mpsearch.configs import ProfileConfig
 from mpsearch.errors import MpsError
 
 METHODS = ("hessian", "fisher", "activation", "kl")
@@ -101,10 +102,11 @@ def _profile(args: argparse.Namespace) -> Any:
         raise MpsError(f"--data {data!r}: not a benchmark name ({', '.join(BENCHMARK_NAMES)}) nor an existing directory")
     model, processor = load_model(args)
     layers = discover_layers(model)
-    return profile(model, processor, bench, layers, space, method=args.method, n_samples=args.samples, seed=args.seed,
-                   batch_size=args.batch_size, n_probes=args.probes, tol=args.tol, hvp=args.hvp, eps=args.eps,
-                   gradient_checkpointing=args.gradient_checkpointing, placement=args.placement,
-                   model_name=args.model, progress=not args.quiet)
+    config = ProfileConfig(method=args.method, n_samples=args.samples, seed=args.seed, batch_size=args.batch_size,
+                           n_probes=args.probes, tol=args.tol, hvp=args.hvp, eps=args.eps,
+                           gradient_checkpointing=args.gradient_checkpointing, placement=args.placement,
+                           model_name=args.model, progress=not args.quiet)
+    return profile(model, processor, bench, layers, space, config=config)
 
 
 def comparison_text(a: Any, b: Any, name_a: str = "a", name_b: str = "b") -> str:

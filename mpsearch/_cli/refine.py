@@ -76,11 +76,13 @@ def run(args: argparse.Namespace) -> int:
     sens = SensitivityReport.from_json(args.sens) if args.sens else None
     bench = _bench(args.data, args.split)
     model, processor = load_model(args)
-    refined = refine(model, processor, list(front), space, budget_ms=args.budget_ms, budget_mb=args.budget_mb,
-                     n_trials=args.n_trials, bench=bench, workload=workload, storage=args.storage,
-                     study_name=args.study_name, seed=args.seed, sampler=args.sampler, lat=lat, sens=sens,
-                     n_samples=args.samples, batch_size=args.batch_size, eager=not args.lazy_bank,
-                     progress=not args.no_progress, timeout_s=args.timeout_s)
+    from mpsearch.configs import RefineConfig
+
+    config = RefineConfig(budget_ms=args.budget_ms, budget_mb=args.budget_mb, n_trials=args.n_trials,
+                          storage=args.storage, study_name=args.study_name, seed=args.seed, sampler=args.sampler,
+                          workload=workload, n_samples=args.samples, batch_size=args.batch_size,
+                          eager=not args.lazy_bank, progress=not args.no_progress, timeout_s=args.timeout_s)
+    refined = refine(model, processor, list(front), space, bench=bench, lat=lat, sens=sens, config=config)
     _print(refined)
     write_front(args.output, refined, model=args.model,
                 inputs={"front": str(args.front), "latency": args.latency, "sensitivity": args.sens, "data": args.data,

@@ -81,10 +81,13 @@ def run(args: argparse.Namespace) -> int:
         from mpsearch.models import load_vlm
 
         model, _ = load_vlm(args.model, dtype=args.dtype, load_processor=False)
-    front = search(sens, lat, space, budget_ms=args.budget_ms, budget_mb=args.budget_mb, n_trials=args.n_trials,
-                   storage=args.storage, seed=args.seed, sampler=args.sampler, study_name=args.study_name, model=model,
-                   front_points=args.front_points, seeding=args.seeding, progress=not args.no_progress,
-                   timeout_s=args.timeout_s)
+    from mpsearch.configs import SearchConfig
+
+    config = SearchConfig(budget_ms=args.budget_ms, budget_mb=args.budget_mb, n_trials=args.n_trials,
+                          storage=args.storage, seed=args.seed, sampler=args.sampler, study_name=args.study_name,
+                          front_points=args.front_points, seeding=args.seeding, progress=not args.no_progress,
+                          timeout_s=args.timeout_s)
+    front = search(sens, lat, space, model=model, config=config)
     _print(front)
     write_front(args.output, front, inputs={"sensitivity": str(args.sens), "latency": args.latency, "model": args.model},
                 provenance={"search_space": space.name, "seed": args.seed, "sensitivity": sens.method})

@@ -90,6 +90,7 @@ def run_pass(model: Any, processor: Any, bench: Any, positions: Sequence[int], m
     import torch
     from tqdm.auto import tqdm
 
+    from mpsearch.logits import kl_nats, last_token_logits
     from mpsearch.tasks import mmmu
     from mpsearch.tasks.prompts import encode_batch
 
@@ -106,7 +107,7 @@ def run_pass(model: Any, processor: Any, bench: Any, positions: Sequence[int], m
             inputs = _to_model(enc, model)
             with torch.inference_mode():
                 if mode == "logits":
-                    last = _last_logits(model, inputs, enc["prompt_last"])
+                    last = last_token_logits(model, inputs, enc["prompt_last"])
                     texts: list[str] | None = None
                 else:
                     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -124,7 +125,7 @@ def run_pass(model: Any, processor: Any, bench: Any, positions: Sequence[int], m
                     out.logprobs[i] = lp[k]
                 else:
                     ref = reference.logprobs[i]
-                    out.kl[i] = float(torch.sum(torch.exp(ref) * (ref - lp[k])))
+                    out.kl[i] = float(kl_nats(ref, lp[k]))
             for k, i in enumerate(chunk):
                 q = bench.question(i)
                 if mode == "logits":
@@ -144,24 +145,3 @@ def run_pass(model: Any, processor: Any, bench: Any, positions: Sequence[int], m
     finally:
         bar.close()
     return out
-
-
-def _last_logits(model: Any, inputs: Mapping[str, Any], prompt_last: Any) -> Any:
-    """Float32 next-token logits ``[rows, vocab]`` at each row's ``prompt_last``.
-
-    Models whose forward takes ``logits_to_keep`` (transformers' own classes) compute the head on
-    those positions only, not on the whole sequence (a [batch, seq, vocab] tensor).
-    """
-    import inspect
-
-    import torch
-
-    rows = torch.arange(prompt_last.shape[0])
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        keep = torch.unique(prompt_last)  # sorted
-        dev = inputs["input_ids"].device
-        logits = model(**inputs, logits_to_keep=keep.to(dev)).logits
-        col = torch.searchsorted(keep, prompt_last)
-        return logits[rows.to(logits.device), col.to(logits.device)].float()
-    logits = model(**inputs).logits
-    return logits[rows.to(logits.device), prompt_last.to(logits.device)].float()

@@ -1,15 +1,16 @@
 """``mps.evaluate``: each policy swapped in, the benchmark answered, scored and stored."""
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from mpsearch.hashing import json_key
+from mpsearch.configs import EvaluateConfig
 from mpsearch.errors import ArtifactError, MpsError
 from mpsearch.evaluation.answer import Pass, letter_token_ids, run_pass
 from mpsearch.models.params import model_device, model_dtype
+from mpsearch.models.source import model_label
 from mpsearch.evaluation.scoring import skill_accuracy, wilson_ci
 from mpsearch.evaluation.store import RECORD_KIND, Result
 
@@ -43,39 +44,22 @@ def _uniform_policies(model: Any, space: Any, baseline: Any, layers: Sequence[An
     return out
 
 
-def _model_name(model: Any) -> str:
-    try:
-        from mpsearch.models import model_source
-
-        return model_source(model)
-    except Exception:  # noqa: BLE001 - models loaded another way
-        return str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
-
-
 # --------------------------------------------------------------------------- evaluate
 def evaluate(
     model: Any,
     processor: Any,
     policies: Iterable[Any],
     bench: Any,
-    mode: str = "logits",
-    batch_size: int = 8,
-    results_path: str | Path | None = None,
-    space: Any = None,
-    workload: Any = None,
-    latency_table: Any = None,
-    include_baselines: bool = True,
-    seed: int = 0,
     *,
-    max_new_tokens: int = 32,
-    placement: str = "inline",
-    fallback: str = "random",
-    measure_latency: bool = True,
+    space: Any = None,
     layers: Sequence[Any] | None = None,
-    progress: bool = True,
+    config: EvaluateConfig | None = None,
+    **settings: Any,
 ) -> list[Result]:
     """Evaluate each policy (baseline first) on ``bench``; see the module docstring.
 
+    Settings come from ``config`` (:class:`mpsearch.configs.EvaluateConfig`); keywords named like
+    its fields override them (``mode="generate"``, ``results_path=...``).
     ``policies``: :class:`mpsearch.policy.Policy` objects (or candidates with ``.policy``).
     ``space``: add the uniform policies the space allows (one per format it names; layers whose
     group does not allow a format keep the group's first candidate). ``workload``: what
@@ -90,6 +74,12 @@ def evaluate(
         >>> [(r.label, r.accuracy, r.flips) for r in results]  # doctest: +SKIP
         [('fp32', 0.62, 0.0), ('pareto-1', 0.61, 0.03)]
     """
+    cfg = EvaluateConfig.resolve(config, settings, "evaluate")
+    mode, batch_size, results_path, workload, latency_table = (
+        cfg.mode, cfg.batch_size, cfg.results_path, cfg.workload, cfg.latency_table)
+    include_baselines, seed, max_new_tokens, placement, fallback = (
+        cfg.include_baselines, cfg.seed, cfg.max_new_tokens, cfg.placement, cfg.fallback)
+    measure_latency, progress = cfg.measure_latency, cfg.progress
     from mpsearch.artifacts import SCHEMA_VERSION, append_jsonl, check_header, drop_torn_tail, provenance, read_jsonl
     from mpsearch.latency import current_device_name
     from mpsearch.tasks import mmmu
@@ -128,8 +118,8 @@ def evaluate(
     else:
         positions, n_skipped = all_pos, 0
     ids = [bench.question(i).id for i in all_pos]
-    questions_hash = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:12]
-    model_name = _model_name(model)
+    questions_hash = json_key(ids, n=12)
+    model_name = model_label(model)
     settings = {"placement": placement, "seed": int(seed), "interval": "wilson"}
     if mode == "generate":
         settings.update(max_new_tokens=int(max_new_tokens), fallback=fallback)

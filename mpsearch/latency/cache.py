@@ -10,10 +10,9 @@ Example:
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Sequence
 
+from mpsearch.hashing import json_key
 from mpsearch.latency.model_info import current_device_name, dtype_name, layer_name, model_label
 from mpsearch.latency.table import library_key
 from mpsearch.latency.workload import Workload, model_arch
@@ -43,7 +42,7 @@ def table_cache_key(model: Any, layers: Sequence[Any], workload: Workload, metho
         "threads": workload.threads or torch.get_num_threads(),
         "workload": workload.timing_key(),
         "method": method,
-        "layers": hashlib.sha1(json.dumps(layer_sig).encode()).hexdigest()[:16],
+        "layers": json_key(layer_sig),
         "shapes": shape_signature(model, layers),
         "formats": sorted({f for c in candidates.values() for f in c}),
         "versions": library_key(),
@@ -59,7 +58,7 @@ def shape_signature(model: Any, layers: Sequence[Any]) -> str:
     for x in layers:
         m = get_module(model, layer_name(x))
         shapes.append([m.in_features, m.out_features, getattr(m, "bias", None) is not None])
-    return hashlib.sha1(repr(shapes).encode()).hexdigest()[:16]
+    return json_key(shapes)
 
 
 __all__ = ["table_cache_key", "shape_signature"]

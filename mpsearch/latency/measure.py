@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from mpsearch.configs import LatencyConfig
 from mpsearch.errors import MpsError
 from mpsearch.latency.cache import table_cache_key
 from mpsearch.latency.context import measure_context
@@ -57,11 +58,12 @@ def resolve_method(method: str, workload: Workload) -> str:
 
 
 def measure_latency_table(model: Any, layers: Sequence[Any], space: Any, workload: Workload | None = None,
-                          cache_dir: str | None = None, *, method: str = "auto", mixed: int | None = None,
-                          progress: bool = True, log: Callable[[str], None] | None = None,
-                          check_thread_count: bool = True, now: Callable[[], float] | None = None) -> LatencyTable:
+                          *, config: LatencyConfig | None = None, log: Callable[[str], None] | None = None,
+                          now: Callable[[], float] | None = None, **settings: Any) -> LatencyTable:
     """Measure ``base_ms`` and ``ms[layer][format]`` for every layer and candidate format of ``space``.
 
+    Settings come from ``config`` (:class:`mpsearch.configs.LatencyConfig`); keywords named like
+    its fields override them, and a positional ``workload`` overrides ``config.workload``.
     ``layers`` are :class:`mpsearch.models.Layer` objects (``discover_layers(model)``); the model
     must be in full precision and is left as it was found. See the module docstring for the
     ``context`` and ``isolated`` methods; ``mixed`` is the number of random policies of the space
@@ -79,9 +81,11 @@ def measure_latency_table(model: Any, layers: Sequence[Any], space: Any, workloa
         >>> round(lat.predict(Policy({}, default="torch.int8dyn")), 2)             # doctest: +SKIP
         3.1
     """
+    cfg = LatencyConfig.resolve(config, settings, "measure_latency_table")
+    workload = workload or cfg.workload or Workload()  # the positional workload wins over config's
+    cache_dir, mixed, progress, check_thread_count = cfg.cache_dir, cfg.mixed, cfg.progress, cfg.check_thread_count
     log = log or _log_default
-    workload = workload or Workload()
-    method = resolve_method(method, workload)
+    method = resolve_method(cfg.method, workload)
     layers = list(layers)
     names = [layer_name(x) for x in layers]
     if len(set(names)) != len(names):

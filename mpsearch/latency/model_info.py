@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from mpsearch.artifacts import device_name as _device_name
 from mpsearch.errors import MpsError
+from mpsearch.models.source import model_label  # noqa: F401 - the one model-name helper, re-exported
 
 
 def current_device_name(model: Any) -> str:
@@ -22,16 +23,6 @@ def current_device_name(model: Any) -> str:
     """
     p = next(model.parameters(), None)
     return _device_name(p.device if p is not None else "cpu")
-
-
-def model_label(model: Any) -> str:
-    """The name the model was loaded under (``load_vlm``), else its config's ``name_or_path`` or class."""
-    try:
-        from mpsearch.models import model_source
-
-        return model_source(model)
-    except Exception:  # noqa: BLE001 - a model not loaded by load_vlm has no recorded source
-        return str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
 
 
 def dtype_name(model: Any) -> str:

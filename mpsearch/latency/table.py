@@ -15,13 +15,13 @@ Example:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from mpsearch.hashing import json_key
 from mpsearch.artifacts import SCHEMA_VERSION, atomic_write_json, provenance
 from mpsearch.errors import ArtifactError, MpsError
 
@@ -207,7 +207,7 @@ def _short(value: Any) -> str:
 # -- on-disk cache -------------------------------------------------------------------------
 def cache_key_hash(key: Mapping[str, Any]) -> str:
     """Stable short hash of a cache key."""
-    return hashlib.sha1(_canon(key).encode("utf-8")).hexdigest()[:16]
+    return json_key(dict(key))
 
 
 def cache_path(cache_dir: str | Path, key: Mapping[str, Any]) -> Path:

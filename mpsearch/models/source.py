@@ -15,7 +15,7 @@ from torch import nn
 
 from mpsearch.errors import MpsError
 
-__all__ = ["record_source", "model_info", "model_source"]
+__all__ = ["record_source", "model_info", "model_source", "model_label"]
 
 
 def record_source(model: nn.Module, name: str, revision: str | None, **extra: Any) -> None:
@@ -56,3 +56,17 @@ def model_source(model: nn.Module) -> str:
     """
     info = model_info(model)
     return f"{info['model']}@{info['revision']}" if info.get("revision") else str(info["model"])
+
+
+def model_label(model: nn.Module) -> str:
+    """The model's name for artifacts: :func:`model_source` when a loader recorded it, else the
+    config's ``name_or_path``, else the class name. Never raises.
+
+    Example:
+        >>> model_label(nn.Linear(2, 2))
+        'Linear'
+    """
+    try:
+        return model_source(model)
+    except MpsError:  # not loaded by load_vlm and no name_or_path
+        return type(model).__name__

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import optuna
 
+from mpsearch.hashing import bytes_key
+from mpsearch.configs import RefineConfig
 from mpsearch.errors import MpsError
 from mpsearch.policy import Policy
 from mpsearch.searching._front import Candidate, Front, pareto, read_front
@@ -52,27 +54,19 @@ def refine(
     candidates: Any = None,
     space: Any = None,
     *rest: Any,
-    budget_ms: float | None = None,
-    n_trials: int | None = None,
     bench: Any = None,
     batches: Sequence[Any] | None = None,
     calib: Any = None,
-    workload: Any = None,
-    budget_mb: float | None = None,
-    storage: Any = None,
-    study_name: str | None = None,
-    seed: int = 0,
-    sampler: Any = "nsga2",
     lat: Any = None,
     sens: Any = None,
     layers: Sequence[Any] | None = None,
-    n_samples: int = 16,
-    batch_size: int = 4,
-    eager: bool = True,
-    progress: bool = True,
-    timeout_s: float | None = None,
+    config: RefineConfig | None = None,
+    **settings: Any,
 ) -> Front:
     """Evaluate policies on the real model in an Optuna study; return the measured front.
+
+    Settings come from ``config`` (:class:`mpsearch.configs.RefineConfig`); keywords named like
+    its fields override them (``budget_ms=40.0``, ``n_trials=20``, ``workload=...``).
 
     Args:
         model, processor: the full-precision model (unquantized) and its processor.
@@ -114,15 +108,15 @@ def refine(
         candidates, space, rest = space, (rest[0] if rest else None), rest[1:]
     if len(rest) > 2:
         raise TypeError(f"refine() takes at most 6 positional arguments ({len(rest) + 4} given)")
-    if rest:
-        if budget_ms is not None:
-            raise TypeError("refine() got budget_ms both by position and by keyword")
-        budget_ms = rest[0]
-    if len(rest) > 1:
-        if n_trials is not None:
-            raise TypeError("refine() got n_trials both by position and by keyword")
-        n_trials = rest[1]
-    n_trials = 50 if n_trials is None else int(n_trials)
+    for key, value in zip(("budget_ms", "n_trials"), rest):
+        if key in settings:
+            raise TypeError(f"refine() got {key} both by position and by keyword")
+        settings = {**settings, key: value}
+    cfg = RefineConfig.resolve(config, settings, "refine")
+    budget_ms, budget_mb, storage, study_name, seed = cfg.budget_ms, cfg.budget_mb, cfg.storage, cfg.study_name, cfg.seed
+    sampler, workload, n_samples, batch_size, eager = cfg.sampler, cfg.workload, cfg.n_samples, cfg.batch_size, cfg.eager
+    progress, timeout_s = cfg.progress, cfg.timeout_s
+    n_trials = 50 if cfg.n_trials is None else int(cfg.n_trials)
     if space is None:
         raise MpsError("refine needs the search space (space=: an object, a shipped name or a YAML path)")
     sens, lat, space = load_inputs(sens, lat, space)
@@ -381,14 +375,7 @@ def _batches(model: Any, processor: Any, bench: Any, batches: Any, calib: Any, n
 
 
 def _batches_key(batches: Sequence[Any]) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
-    for b in batches:
-        ids = b.get("input_ids")
-        if ids is not None:
-            h.update(ids.cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return bytes_key(b["input_ids"].cpu().numpy().tobytes() for b in batches if b.get("input_ids") is not None)
 
 
 def _rows(batches: Sequence[Any]) -> int:

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import optuna
 
+from mpsearch.configs import SearchConfig
 from mpsearch.errors import MpsError
 from mpsearch.searching._front import Candidate, Front, pareto
 from mpsearch.searching._ilp import BYTES_PER_MB, _check_budgets, _mb_to_bytes, candidate_of, problem_front, solve_problem
@@ -114,21 +115,17 @@ def search(
     lat: Any,
     space: Any,
     budget_ms: float | None = None,
-    n_trials: int = 2000,
-    storage: Any = None,
-    seed: int = 0,
-    sampler: Any = "nsga2",
-    study_name: str | None = None,
     *,
-    budget_mb: float | None = None,
     layers: Sequence[Any] | None = None,
     model: Any = None,
-    front_points: int = 16,
-    seeding: str = "ilp",
-    progress: bool = True,
-    timeout_s: float | None = None,
+    config: SearchConfig | None = None,
+    **settings: Any,
 ) -> Front:
     """Optuna search over the additive proxy; returns the feasible non-dominated candidates.
+
+    Settings come from ``config`` (:class:`mpsearch.configs.SearchConfig`); keywords named like
+    its fields override them (``n_trials=300``, ``storage=...``), and so does ``budget_ms`` given
+    by position, as in :func:`solve_ilp`.
 
     Args:
         sens, lat, space: a SensitivityReport, a LatencyTable (None for memory-only budgets)
@@ -162,6 +159,12 @@ def search(
         >>> all(c.predicted_latency_ms <= 40.0 for c in front)                              # doctest: +SKIP
         True
     """
+    if budget_ms is not None:
+        settings = {**settings, "budget_ms": budget_ms}
+    cfg = SearchConfig.resolve(config, settings, "search")
+    budget_ms, budget_mb, n_trials, storage, seed = cfg.budget_ms, cfg.budget_mb, cfg.n_trials, cfg.storage, cfg.seed
+    sampler, study_name, front_points, seeding = cfg.sampler, cfg.study_name, cfg.front_points, cfg.seeding
+    progress, timeout_s = cfg.progress, cfg.timeout_s
     sens, lat, space = load_inputs(sens, lat, space)
     budget_bytes = _mb_to_bytes(budget_mb)
     layer_list = resolve_layers(layers, model, sens)

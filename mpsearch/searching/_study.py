@@ -50,7 +50,6 @@ import contextlib
 import copy
 import datetime
 import hashlib
-import json
 import logging
 import math
 import os
@@ -65,6 +64,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import optuna
 from optuna.trial import TrialState
 
+from mpsearch.hashing import json_key
 from mpsearch.errors import MpsError
 
 _log = logging.getLogger(__name__)
@@ -334,8 +334,7 @@ def _creation_lock(storage: optuna.storages.BaseStorage, study_name: str) -> Ite
 # -- studies ------------------------------------------------------------------------------------
 def fingerprint(*parts: Any) -> str:
     """Stable hash of JSON-able inputs (what a study was made for)."""
-    blob = json.dumps(parts, sort_keys=True, default=_json_default)
-    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+    return json_key(list(parts), default=_json_default)
 
 
 def _json_default(o: Any) -> Any:

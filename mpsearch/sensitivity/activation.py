@@ -23,10 +23,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from mpsearch.configs import MAX_GRAM_MB  # memory allowed for Gram matrices at once (MiB), profile's default
 from mpsearch.sensitivity.calib import model_inputs
-
-#: Default memory allowed for Gram matrices at once (MiB); more layers take more passes.
-MAX_GRAM_MB = 4096
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mpsearch.errors import MpsError
+from mpsearch.logits import kl_nats, last_token_logits
 from mpsearch.sensitivity.calib import model_inputs
 
 
@@ -26,9 +27,7 @@ def next_token_logits(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tenso
     """fp32 logits ``[rows, vocab]`` at each row's ``prompt_last`` (on the model's device)."""
     if "prompt_last" not in batch:
         raise MpsError("batch has no 'prompt_last'; build it with mpsearch.tasks.prompts.encode_batch")
-    logits = model(**model_inputs(model, batch)).logits
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, batch["prompt_last"].to(logits.device)].float()
+    return last_token_logits(model, model_inputs(model, batch), batch["prompt_last"])
 
 
 def reference_logits(model: nn.Module, batches: Sequence[Mapping[str, Any]], progress: bool = False) -> list[torch.Tensor]:
@@ -54,11 +53,7 @@ def kl_rows(model: nn.Module, batches: Sequence[Mapping[str, Any]], ref: Sequenc
         r = r.to(q.device).float()
         if r.shape != q.shape:
             raise MpsError(f"kl: reference logits have shape {tuple(r.shape)}, the model gives {tuple(q.shape)} (another model or batches?)")
-        # float64: the KL of nearby distributions is a small difference of large sums, and
-        # fp32 rounding alone gives |KL| ~ 1e-7 (even negative values)
-        log_p = torch.log_softmax(r.double(), dim=-1)
-        log_q = torch.log_softmax(q.double(), dim=-1)
-        out.append(nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).cpu())
+        out.append(kl_nats(r, q).cpu())
     return torch.cat(out)
 
 

@@ -33,7 +33,9 @@ import torch
 from torch import nn
 
 from mpsearch.errors import MpsError
-from mpsearch.sensitivity.activation import MAX_GRAM_MB, activation_score, input_grams, layer_chunks
+from mpsearch.configs import ProfileConfig
+from mpsearch.models.source import model_label
+from mpsearch.sensitivity.activation import activation_score, input_grams, layer_chunks
 from mpsearch.models.params import model_device, model_dtype
 from mpsearch.sensitivity.calib import answer_loss, calibration_batches, n_answer_tokens, unreached
 from mpsearch.sensitivity.fisher import fisher_diagonal, fisher_score
@@ -51,24 +53,15 @@ def profile(
     bench: Sequence[Mapping[str, Any]] | None,
     layers: Sequence[Any] | None = None,
     space: Any = None,
-    method: str = "hessian",
-    n_samples: int = 32,
-    seed: int = 0,
     *,
-    batch_size: int = 8,
     batches: Sequence[Mapping[str, Any]] | None = None,
-    n_probes: int = 16,
-    tol: float | None = None,
-    hvp: str = "auto",
-    eps: float | None = None,
-    gradient_checkpointing: bool = False,
-    check_reach: bool = True,
-    max_gram_mb: float = MAX_GRAM_MB,
-    placement: str = "inline",
-    model_name: str | None = None,
-    progress: bool = True,
+    config: ProfileConfig | None = None,
+    **settings: Any,
 ) -> SensitivityReport:
-    """Score every layer in every candidate format of ``space`` with ``method``.
+    """Score every layer in every candidate format of ``space`` with ``config.method``.
+
+    Settings come from ``config`` (:class:`mpsearch.configs.ProfileConfig`), and keywords
+    named like its fields override them (``method="kl"``, ``n_samples=8``, ...).
 
     Args:
         model, processor: from :func:`mpsearch.load_vlm` (full precision: fp32, bf16 or fp16).
@@ -95,6 +88,11 @@ def profile(
     Example:
         >>> sens = profile(model, processor, rows, layers, "cpu", method="kl", n_samples=8)  # doctest: +SKIP
     """
+    cfg = ProfileConfig.resolve(config, settings, "profile")
+    method, n_samples, seed, batch_size, n_probes = cfg.method, cfg.n_samples, cfg.seed, cfg.batch_size, cfg.n_probes
+    tol, hvp, eps, gradient_checkpointing = cfg.tol, cfg.hvp, cfg.eps, cfg.gradient_checkpointing
+    check_reach, max_gram_mb, placement, model_name, progress = (
+        cfg.check_reach, cfg.max_gram_mb, cfg.placement, cfg.model_name, cfg.progress)
     from mpsearch.artifacts import device_name, provenance
     from mpsearch.formats import get_format
     from mpsearch.models import discover_layers, get_module
@@ -128,7 +126,7 @@ def profile(
     if not batches:
         raise MpsError("profile: no calibration batches")
     meta: dict[str, Any] = {
-        "model": model_name or _model_name(model),
+        "model": model_name or model_label(model),
         "search_space": space.name,
         "n_samples": int(sum(int(b["input_ids"].shape[0]) for b in batches)),
         "n_batches": len(batches),
@@ -243,11 +241,6 @@ def _space(space: Any) -> Any:
     if isinstance(space, SearchSpace):
         return space
     return SearchSpace.from_yaml(space)
-
-
-def _model_name(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    return str(getattr(cfg, "_name_or_path", "") or type(model).__name__)
 
 
 @contextlib.contextmanager
