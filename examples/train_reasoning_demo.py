@@ -58,9 +58,14 @@ CONFIG = {
 
 
 # ----------------------------------------------------------------------------- building
+CAPTION_QUESTION = "<image 1> Describe the picture ."
+CAPTION_WORDS = ["Describe", "picture", ".", ";"]
+
+
 def build_processor():
-    """The demo recipe's processor, with this model's image size and this benchmark's words."""
-    return base.build_processor(CONFIG, synthetic.WORDS)
+    """The demo recipe's processor, with this model's image size and this benchmark's words
+    (plus the few words of the training-only captions, :func:`caption_variant`)."""
+    return base.build_processor(CONFIG, synthetic.WORDS + CAPTION_WORDS)
 
 
 def build_model(processor, seed: int):
@@ -71,9 +76,14 @@ def build_model(processor, seed: int):
 # ----------------------------------------------------------------------------- stage 1
 N_CELLS = synthetic.GRID * synthetic.GRID
 MAX_COUNT = 12
-GLOBAL_HEADS = {"count": MAX_COUNT + 1, "largest": 6, "tallest": 6, "shortest": 6,
-                **{f"n_{c}": MAX_COUNT + 1 for c in synthetic.COLOURS}}
+GLOBAL_HEADS = {"count": MAX_COUNT + 1, "largest": 6, "tallest": 6, "shortest": 6, "most": 6,
+                "left_of_largest": 6,
+                **{f"n_{c}": MAX_COUNT + 1 for c in synthetic.COLOURS},
+                **{f"kind_{k}": 6 for k in synthetic.SHAPES},
+                **{f"row_{c}": synthetic.GRID for c in synthetic.COLOURS},
+                **{f"col_{c}": synthetic.GRID for c in synthetic.COLOURS}}
 CELL_HEADS = {"kind": 4, "colour": 7, "size": 4}          # per grid cell (class 0 / 6 = empty)
+TOKEN_HEADS = {"kind": 4, "colour": 7}                    # per patch token: what its grid cell holds
 BAR_HEADS = {**{f"bar{i}_colour": 6 for i in range(4)}, **{f"bar{i}_rank": 4 for i in range(4)}}
 
 
@@ -85,8 +95,12 @@ def attr_targets(attrs_list):
     """Classification targets of the scene attributes (-100 where one does not apply).
 
     Scene-level facts (total count, the number of shapes of each colour, the largest shape's
-    colour, tallest and shortest bar), per grid cell the kind, colour and size class of what it
-    holds (0 / 6 / 0 = empty), and each bar's colour and height rank, left to right.
+    colour, tallest and shortest bar, the most frequent colour, the colour of each kind and the
+    row / column of each colour where only one shape has it, the colour of the one shape left of
+    the largest), per grid cell the kind, colour and size class of what it holds
+    (0 / 6 / 0 = empty), and each bar's colour and height rank, left to right. Every patch token
+    also learns its own cell's kind and colour (``tok_*``), so that what a cell holds can be read
+    from one token by attention.
     """
     col = {c: i for i, c in enumerate(synthetic.COLOURS)}
     kind = {k: i + 1 for i, k in enumerate(synthetic.SHAPES)}
@@ -94,6 +108,8 @@ def attr_targets(attrs_list):
     t = {k: torch.full((n,), -100, dtype=torch.long) for k in list(GLOBAL_HEADS) + list(BAR_HEADS)}
     for k in CELL_HEADS:
         t["cell_" + k] = torch.full((n, N_CELLS), -100, dtype=torch.long)
+    for k in TOKEN_HEADS:
+        t["tok_" + k] = torch.full((n, N_CELLS), -100, dtype=torch.long)  # per cell; expanded to tokens
     for i, a in enumerate(attrs_list):
         if "count" in a:
             t["count"][i] = min(a["count"], MAX_COUNT)
@@ -104,7 +120,30 @@ def attr_targets(attrs_list):
         if "tallest" in a:
             t["tallest"][i] = col[a["tallest"]]
             t["shortest"][i] = col[a["shortest"]]
-        for j, cell in enumerate(a.get("cells") or []):
+        cells = a.get("cells") or []
+        present = [(j, c) for j, c in enumerate(cells) if c is not None]
+        if present:
+            counts = a["colour_counts"]
+            top = max(counts.values())
+            if list(counts.values()).count(top) == 1:
+                t["most"][i] = col[max(counts, key=counts.get)]
+            for k in synthetic.SHAPES:
+                of_kind = [c for _, c in present if c[0] == k]
+                if len(of_kind) == 1:
+                    t[f"kind_{k}"][i] = col[of_kind[0][1]]
+            for c in synthetic.COLOURS:
+                where = [j for j, s in present if s[1] == c]
+                if len(where) == 1:
+                    t[f"row_{c}"][i], t[f"col_{c}"][i] = divmod(where[0], synthetic.GRID)
+            by_size = sorted(present, key=lambda jc: -jc[1][2])
+            if len(by_size) == 1 or by_size[0][1][2] > 1.3 * by_size[1][1][2]:
+                jb = by_size[0][0]
+                left = [c for j, c in present if j // synthetic.GRID == jb // synthetic.GRID and j < jb]
+                if len(left) == 1:
+                    t["left_of_largest"][i] = col[left[0][1]]
+        for j, cell in enumerate(cells):
+            t["tok_kind"][i, j] = 0 if cell is None else kind[cell[0]]
+            t["tok_colour"][i, j] = 6 if cell is None else col[cell[1]]
             t["cell_kind"][i, j] = 0 if cell is None else kind[cell[0]]
             t["cell_colour"][i, j] = 6 if cell is None else col[cell[1]]
             t["cell_size"][i, j] = 0 if cell is None else _size_class(cell[2])
@@ -132,6 +171,10 @@ class AttrHead(nn.Module):
     def __init__(self, hidden: int, n_side: int):
         super().__init__()
         self.register_buffer("cells", cell_patches(n_side), persistent=False)
+        cell_of = torch.empty(n_side * n_side, dtype=torch.long)
+        for c, patches in enumerate(cell_patches(n_side).tolist()):
+            cell_of[patches] = c
+        self.register_buffer("cell_of", cell_of, persistent=False)
         per_cell = self.cells.shape[1]
         self.norm = nn.LayerNorm(hidden)
         self.pool = nn.Linear(hidden, 256)
@@ -140,6 +183,7 @@ class AttrHead(nn.Module):
         self.global_heads = nn.ModuleDict({k: nn.Linear(256, n) for k, n in GLOBAL_HEADS.items()})
         self.cell_heads = nn.ModuleDict({k: nn.Linear(256, n) for k, n in CELL_HEADS.items()})
         self.bar_heads = nn.ModuleDict({k: nn.Linear(128, n) for k, n in BAR_HEADS.items()})
+        self.token_heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in TOKEN_HEADS.items()})
 
     def forward(self, feats):  # feats: (B, n_tokens, hidden) patch tokens of the last layer
         x = self.norm(feats)
@@ -149,7 +193,13 @@ class AttrHead(nn.Module):
         out = {k: h(g) for k, h in self.global_heads.items()}
         out.update({"cell_" + k: h(c) for k, h in self.cell_heads.items()})  # (B, cells, classes)
         out.update({k: h(b) for k, h in self.bar_heads.items()})
+        out.update({"tok_" + k: h(x) for k, h in self.token_heads.items()})  # (B, tokens, classes)
         return out
+
+
+def expand_tokens(targets, head: "AttrHead"):
+    """The per-cell ``tok_*`` targets repeated for every patch token of the cell."""
+    return {k: (v[:, head.cell_of] if k.startswith("tok_") else v) for k, v in targets.items()}
 
 
 def attr_loss(logits, targets):
@@ -161,6 +211,28 @@ def attr_loss(logits, targets):
     return total
 
 
+
+
+def caption(attrs) -> str:
+    """What the picture holds, in words: every shape row-major as ``colour kind row column``
+    (1-based), or every bar left to right as ``colour rank`` (1 = shortest)."""
+    if attrs.get("bars"):
+        return " ; ".join(f"{c} {rank + 1}" for c, rank in attrs["bars"])
+    parts = [f"{cell[1]} {cell[0]} {j // synthetic.GRID + 1} {j % synthetic.GRID + 1}"
+             for j, cell in enumerate(attrs.get("cells") or []) if cell is not None]
+    return " ; ".join(parts)
+
+
+def caption_variant(row, attrs):
+    """The same picture, an open question asking for its description: a dense training signal
+    (one target token per fact of the picture instead of one letter) that teaches the language
+    model to read every image token, the way LLaVA's first (captioning) stage aligns a
+    projector. Training only; evaluation never sees it."""
+    r = dict(row)
+    r["question"] = CAPTION_QUESTION
+    r["question_type"] = "open"
+    r["options"] = "[]"
+    return r, caption(attrs)
 
 
 @torch.no_grad()
@@ -218,8 +290,8 @@ def summarize_attrs(acc):
     for k, v in acc.items():
         if k.startswith("bar") and k[3].isdigit():
             groups.setdefault("bar*" + k[4:], []).append(v)
-        elif k.startswith("n_"):
-            groups.setdefault("n_colour", []).append(v)
+        elif k.startswith(("n_", "row_", "col_", "kind_")):
+            groups.setdefault(k.split("_")[0] + "_*", []).append(v)
         else:
             out[k] = v
     out.update({k: sum(v) / len(v) for k, v in groups.items()})
@@ -257,7 +329,7 @@ def evaluate_attrs(model, head, enc, pairs):
     model.eval()
     rows, attrs = zip(*pairs)
     logits = head(vision_feats(model, enc.pixels([r["image_1"] for r in rows])))
-    t = attr_targets(attrs)
+    t = expand_tokens(attr_targets(attrs), head)
     acc = {}
     for k, lg in logits.items():
         m = t[k] != -100
@@ -283,6 +355,8 @@ def main(argv=None):
     ap.add_argument("--vision-lr-scale", type=float, default=0.0,
                     help="stage-2 learning-rate scale of the vision tower (0: frozen)")
     ap.add_argument("--open-frac", type=float, default=0.25)
+    ap.add_argument("--caption-frac", type=float, default=0.25,
+                    help="share of each stage-2 batch that asks for the picture's description")
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--eval-n", type=int, default=270)
     ap.add_argument("--ckpt-every", type=int, default=200)
@@ -369,7 +443,7 @@ def main(argv=None):
                                                        start=step * args.stage1_batch)
             rows, attrs = zip(*pairs)
             logits = head(vision_feats(model, enc.pixels([r["image_1"] for r in rows])))
-            loss = attr_loss(logits, attr_targets(attrs))
+            loss = attr_loss(logits, expand_tokens(attr_targets(attrs), head))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -410,10 +484,12 @@ def main(argv=None):
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     check = synthetic.generate_with_attributes("train", n=10, seed=args.seed)
-    mixed = [open_variant(r, a) if i % 2 else (r, r["answer"]) for i, (r, a) in enumerate(check)]
+    mixed = [open_variant(r, a) if i % 3 == 1 else caption_variant(r, a) if i % 3 == 2 else (r, r["answer"])
+             for i, (r, a) in enumerate(check)]
     enc.verify([m[0] for m in mixed], [m[1] for m in mixed])
     bar = tqdm(total=args.stage2_steps, initial=step, desc="stage 2 (VLM)", mininterval=5)
     n_open = int(round(args.batch * args.open_frac))
+    n_caption = int(round(args.batch * args.caption_frac))
     while step < args.stage2_steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.stage2_steps, args.lr, 200) * g["scale"]
@@ -422,6 +498,8 @@ def main(argv=None):
         for j, (r, a) in enumerate(pairs):
             if j < n_open:
                 r, ans = open_variant(r, a)
+            elif j < n_open + n_caption:
+                r, ans = caption_variant(r, a)
             else:
                 ans = r["answer"]
             samples.append(r)
