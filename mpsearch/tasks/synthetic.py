@@ -246,6 +246,15 @@ def _make(split: str, seed: int, index: int) -> tuple[dict[str, Any], dict[str, 
                     _MAKERS[qtype], subject, SKILL_OF_TYPE[qtype], _IMG_TYPE[subject], _DIFFICULTY[qtype])
 
 
+def draw_stream(make: Any, sizes: dict[str, int], split: str, n: int | None, seed: int,
+                start: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Rows ``start .. start+n-1`` of ``split``'s stream as ``make(split, seed, index)`` draws
+    them (``n`` None: ``sizes[split]``), with their attributes. Shared by the synthetic sets."""
+    _check_split(split)
+    n = sizes[split] if n is None else int(n)
+    return [make(split, seed, i) for i in range(start, start + n)]
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -257,9 +266,7 @@ def generate(split: str, n: int | None = None, seed: int = 0, start: int = 0) ->
     ``n`` defaults to 100 (dev), 500 (validation) or 20000 (train). Same arguments, same rows,
     images byte-identical.
     """
-    _check_split(split)
-    n = DEFAULT_SIZES[split] if n is None else int(n)
-    return [_make(split, seed, i)[0] for i in range(start, start + n)]
+    return [row for row, _ in draw_stream(_make, DEFAULT_SIZES, split, n, seed, start)]
 
 
 def generate_with_attributes(split: str, n: int | None = None, seed: int = 0,
@@ -270,9 +277,7 @@ def generate_with_attributes(split: str, n: int | None = None, seed: int = 0,
     ``kinds`` (kind -> colour), ``cells`` (the 2x2 grid row-major: ``(kind, colour)`` or None),
     ``tallest``, ``shortest``, ``bars`` (left to right: ``(colour, height rank)``, 0 = shortest)) are what the demo model's vision pretraining learns from.
     """
-    _check_split(split)
-    n = DEFAULT_SIZES[split] if n is None else int(n)
-    return [_make(split, seed, i) for i in range(start, start + n)]
+    return draw_stream(_make, DEFAULT_SIZES, split, n, seed, start)
 
 
 __all__ = ["generate", "generate_with_attributes", "SUBJECTS", "SKILLS", "SKILL_OF_SUBJECT", "SKILL_OF_TYPE", "PALETTE", "COLOURS", "SHAPES",

@@ -50,7 +50,7 @@ from PIL import Image, ImageDraw
 
 # The pictures' palette, shapes and drawing, and the split buckets, are the demo set's own.
 from mpsearch.tasks.synthetic import (  # noqa: F401 - re-exported
-    BACKGROUND, COLOURS, PALETTE, SHAPES, SPLITS, _check_split, _draw_shape, draw_row)
+    BACKGROUND, COLOURS, PALETTE, SHAPES, SPLITS, _draw_shape, draw_row, draw_stream)
 
 #: Version of the generator: a change of pictures or questions changes it.
 VERSION = 2
@@ -306,9 +306,7 @@ def generate(split: str, n: int | None = None, seed: int = 0, start: int = 0) ->
     ``n`` defaults to 200 (dev), 1008 (validation) or 200000 (train). Same arguments, same rows,
     images byte-identical.
     """
-    _check_split(split)
-    n = DEFAULT_SIZES[split] if n is None else int(n)
-    return [_make(split, seed, i)[0] for i in range(start, start + n)]
+    return [row for row, _ in draw_stream(_make, DEFAULT_SIZES, split, n, seed, start)]
 
 
 def generate_with_attributes(split: str, n: int | None = None, seed: int = 0,
@@ -321,9 +319,7 @@ def generate_with_attributes(split: str, n: int | None = None, seed: int = 0,
     ``bars`` (left to right: ``(colour, height rank)``, 0 = shortest). They are what the demo
     model's vision pretraining learns from.
     """
-    _check_split(split)
-    n = DEFAULT_SIZES[split] if n is None else int(n)
-    return [_make(split, seed, i) for i in range(start, start + n)]
+    return draw_stream(_make, DEFAULT_SIZES, split, n, seed, start)
 
 
 __all__ = ["generate", "generate_with_attributes", "SUBJECTS", "SKILLS", "SKILL_OF_SUBJECT", "SKILL_OF_TYPE",
