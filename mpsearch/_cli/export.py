@@ -90,13 +90,13 @@ def _run_to(args: argparse.Namespace) -> int:
 
 
 def _best_result(args: argparse.Namespace) -> tuple[Any, dict, str]:
-    """The result ``mpsearch export RESULTS`` picks (:func:`mpsearch.pipeline.choose`; the
+    """The result ``mpsearch export RESULTS`` picks (:func:`mpsearch.choice.choose`; the
     full-precision baseline first, since ``--max-accuracy-drop`` is measured from it), its
     record's provenance and its model name."""
     from mpsearch.artifacts import read_jsonl
     from mpsearch.errors import MpsError
     from mpsearch.evaluation import read_results
-    from mpsearch.pipeline import choose
+    from mpsearch.choice import choose
 
     results = read_results(args.results)
     records = read_jsonl(args.results)
