@@ -11,7 +11,7 @@ docs/benchmarks.md, "Reasoning demo model"). Output goes to ``runs/reasoning-dem
 Llama language model hidden 256 / MLP 1024, 128x128 images at patch 16 = 64 image tokens, 6.3M
 parameters), word-level tokenizer, ``LlavaProcessor``; everything ``save_pretrained``.
 
-Recipe (docs/benchmarks.md, "Demo model v2", has the curves):
+Recipe (docs/benchmarks.md, "Reasoning demo model", has the runs and their diagnostics):
 
 * stage 1 (vision tower alone, 1200 steps x 64 pictures): the generator's scene attributes
   through a classification head dropped afterwards: per grid cell kind / colour / size from
@@ -19,15 +19,15 @@ Recipe (docs/benchmarks.md, "Demo model v2", has the curves):
   colour, largest shape, most frequent colour, ...) from the mean patch, bars from all patches;
 * stage 1.5 (language model alone, text only, 100 steps x 128): the letter lookup every
   multiple-choice answer ends with, on prompts whose question is the answer word
-  (:func:`pointer_variant`); without it stage 2 learned the answers (open-ended 40% right) but
-  not their letters (chance) for 900+ steps;
+  (:func:`pointer_variant`); without it, after 200 stage-2 steps the open answers were 40%
+  right and the letters at chance;
 * stage 2 (projector + language model, vision frozen, 1500 steps x 32): exactly the prompts
   evaluation builds, mixed with the same pictures asked open-ended (the answer word), asked
   for a description (:func:`caption_variant`, a dense signal for reading every image token)
   and as letter lookups.
 
 Deterministic: the data of step ``t`` is rows ``[t*B, (t+1)*B)`` of the train stream, so the
-same seed and thread count give the same weights (checked on a shortened run: two runs of 6+6
+same seed and thread count give the same weights (checked on a shortened run: two runs of 6+6+6
 steps wrote byte-identical safetensors), and a resumed run continues where the checkpoint was
 taken (``<out>/_train_state/``).
 """
