@@ -381,6 +381,16 @@ def lr_at(step, total, base, warmup):
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def optimizer_step(opt, loss, params, bar) -> None:
+    """One update: gradients of ``loss``, clipped to norm 1 over ``params``, an ``opt`` step, the bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+
 def save_state(path: Path, **state):
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / "state.pt.tmp"
@@ -490,13 +500,8 @@ def main(argv=None):
             t = attr_targets(attrs)
             loss = sum(nn.functional.cross_entropy(logits[k], t[k], ignore_index=-100)
                        for k in ATTR_HEADS if (t[k] != -100).any())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            optimizer_step(opt, loss, params, bar)
             step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if step % args.eval_every == 0 or step == args.stage1_steps:
                 acc = evaluate_attrs(model, head, enc, val_pairs)
                 log["stage1"].append({"step": step, "elapsed_s": round(elapsed(), 1), "cpu_s": round(cpu(), 1),
@@ -538,13 +543,8 @@ def main(argv=None):
         b = enc(samples, answers)
         outp = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                      pixel_values=b["pixel_values"], labels=b["labels"])
-        opt.zero_grad(set_to_none=True)
-        outp.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, outp.loss, model.parameters(), bar)
         step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{outp.loss.item():.3f}", refresh=False)
         if step % args.eval_every == 0 or step == args.stage2_steps:
             acc, per = evaluate_letters(model, enc, val_rows[: args.eval_n])
             log["stage2"].append({"step": step, "elapsed_s": round(elapsed(), 1), "cpu_s": round(cpu(), 1),

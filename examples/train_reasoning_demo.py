@@ -52,7 +52,7 @@ from mpsearch.tasks import synthetic_reasoning as synthetic  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_demo_model as base  # noqa: E402  (the shipped demo's recipe: building, batching, schedule)
-from train_demo_model import Encoder, lr_at, open_variant, param_groups, save_state, vision_feats  # noqa: E402,F401
+from train_demo_model import Encoder, lr_at, open_variant, optimizer_step, param_groups, save_state, vision_feats  # noqa: E402,F401
 from mpsearch.tasks.prompts import encode_batch, option_letters, parse_options  # noqa: E402
 
 DEFAULT_OUT = ROOT / "runs" / "reasoning-demo"
@@ -498,13 +498,8 @@ def main(argv=None):
             rows, attrs = zip(*pairs)
             logits = head(vision_feats(model, enc.pixels([r["image_1"] for r in rows])))
             loss = attr_loss(logits, expand_tokens(attr_targets(attrs), head))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            optimizer_step(opt, loss, params, bar)
             step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if step % args.eval_every == 0 or step == args.stage1_steps:
                 acc = evaluate_attrs(model, head, enc, val_pairs)
                 log["stage1"].append({"step": step, "elapsed_s": round(elapsed(), 1), "cpu_s": round(cpu(), 1),
@@ -533,13 +528,8 @@ def main(argv=None):
                                                        start=step * args.pointer_batch)
             b = text_only(enc(*zip(*[pointer_variant(r, a) for r, a in pairs])), image_id)
             outp = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-            opt.zero_grad(set_to_none=True)
-            outp.loss.backward()
-            torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
-            opt.step()
+            optimizer_step(opt, outp.loss, lm_params, bar)
             step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{outp.loss.item():.3f}", refresh=False)
             if step % args.eval_every == 0 or step == args.pointer_steps:
                 acc = pointer_accuracy(model, enc, val_rows[: args.eval_n], image_id)
                 log.setdefault("stage1_5", []).append({"step": step, "elapsed_s": round(elapsed(), 1),
@@ -597,13 +587,8 @@ def main(argv=None):
         b = enc(samples, answers)
         outp = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                      pixel_values=b["pixel_values"], labels=b["labels"])
-        opt.zero_grad(set_to_none=True)
-        outp.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, outp.loss, model.parameters(), bar)
         step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{outp.loss.item():.3f}", refresh=False)
         if step % args.eval_every == 0 or step == args.stage2_steps:
             acc, per = evaluate_letters(model, enc, val_rows[: args.eval_n])
             log["stage2"].append({"step": step, "elapsed_s": round(elapsed(), 1), "cpu_s": round(cpu(), 1),

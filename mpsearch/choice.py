@@ -63,8 +63,7 @@ def choose(results: Sequence[Any], budget_ms: float | None = None, budget_mb: fl
     """
     if not results:
         raise MpsError("no results to choose from")
-    field_ = "latency_ms" if latency == "measured" else "predicted_latency_ms"
-    lat = lambda r: getattr(r, field_) if getattr(r, field_) is not None else float("inf")  # noqa: E731
+    lat = _latency_of(latency)
     mem = lambda r: r.memory_bytes if r.memory_bytes is not None else float("inf")  # noqa: E731
     pool = list(results)
     if budget_ms is not None:
@@ -91,9 +90,21 @@ def choose(results: Sequence[Any], budget_ms: float | None = None, budget_mb: fl
         chosen = min(better, key=lambda r: (lat(r), mem(r), -r.accuracy))
 
 
+def _latency_of(latency: str) -> Any:
+    """``result -> ms`` for ``"measured"`` (evaluation's end-to-end timing) or ``"predicted"``
+    (the latency table); a result without that figure counts as infinitely slow."""
+    field_ = "latency_ms" if latency == "measured" else "predicted_latency_ms"
+    return lambda r: getattr(r, field_) if getattr(r, field_) is not None else float("inf")
+
+
 def _ci_low(result: Any) -> float:
     ci = getattr(result, "accuracy_ci", None)
     return float(ci[0]) if ci else float(result.accuracy)
+
+
+def _ci_high(result: Any) -> float:
+    ci = getattr(result, "accuracy_ci", None)
+    return float(ci[1]) if ci else float(result.accuracy)
 
 
 def verdict(results: Sequence[Any], chosen: Any, latency: str = "measured") -> list[str]:
@@ -103,8 +114,7 @@ def verdict(results: Sequence[Any], chosen: Any, latency: str = "measured") -> l
         >>> verdict(results, chosen)[0]      # doctest: +SKIP
         'exported pareto-1: 96.0% (perception 97.1%, reasoning 94.6%), 31.2 ms, 0.98 MiB'
     """
-    field_ = "latency_ms" if latency == "measured" else "predicted_latency_ms"
-    lat = lambda r: getattr(r, field_) if getattr(r, field_) is not None else float("inf")  # noqa: E731
+    lat = _latency_of(latency)
     skills = ", ".join(f"{k} {100 * v:.1f}%" for k, v in sorted((chosen.per_skill or {}).items()))
     lines = [f"exported {chosen.label}: {100 * chosen.accuracy:.1f}%" + (f" ({skills})" if skills else "")
              + f", {lat(chosen):.2f} ms, {(chosen.memory_bytes or 0) / 2**20:.3f} MiB"]
@@ -121,8 +131,3 @@ def verdict(results: Sequence[Any], chosen: Any, latency: str = "measured") -> l
             lines.append(f"  vs {r.label} (no bigger, at most 10% slower): "
                          f"{100 * (chosen.accuracy - r.accuracy):+.1f} points")
     return lines
-
-
-def _ci_high(result: Any) -> float:
-    ci = getattr(result, "accuracy_ci", None)
-    return float(ci[1]) if ci else float(result.accuracy)

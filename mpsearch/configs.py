@@ -62,15 +62,6 @@ class StageConfig:
                                 f"its settings ({cls.__name__}): {', '.join(fields)}")
         return dataclasses.replace(base, **dict(options)) if options else base
 
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as a plain dict (objects such as a storage or sampler by their repr)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v if v is None or isinstance(v, (bool, int, float, str, list, dict)) else (
-                v.to_dict() if hasattr(v, "to_dict") else repr(v))
-        return out
-
 
 @dataclass(frozen=True)
 class ProfileConfig(StageConfig):

@@ -110,11 +110,15 @@ class RunConfig:
         return ProfileConfig(method=self.method, n_samples=self.calib_samples, seed=self.seed,
                              batch_size=self.batch_size, n_probes=self.n_probes, model_name=self.model)
 
-    def latency_config(self, cache_dir: str | None = None) -> LatencyConfig:
-        """The latency stage's settings (``workload`` built from the run's ``workload`` field)."""
+    def timing_workload(self) -> Any:
+        """The :class:`mpsearch.Workload` of the run's ``workload`` field (what every stage times)."""
         from mpsearch.latency import Workload
 
-        return LatencyConfig(workload=Workload(**self.workload), cache_dir=cache_dir)
+        return Workload(**self.workload)
+
+    def latency_config(self, cache_dir: str | None = None) -> LatencyConfig:
+        """The latency stage's settings."""
+        return LatencyConfig(workload=self.timing_workload(), cache_dir=cache_dir)
 
     def search_config(self, budget_ms: float | None, budget_mb: float | None, study_name: str | None = None) -> SearchConfig:
         """The proxy search's settings under the resolved budgets."""
@@ -124,18 +128,14 @@ class RunConfig:
     def refine_config(self, budget_ms: float | None, budget_mb: float | None, storage: Any,
                       study_name: str | None = None) -> RefineConfig:
         """Refinement's settings under the resolved budgets (``storage``: where the study lives)."""
-        from mpsearch.latency import Workload
-
         return RefineConfig(budget_ms=budget_ms, budget_mb=budget_mb, n_trials=self.refine_trials, storage=storage,
-                            study_name=study_name, seed=self.seed, workload=Workload(**self.workload),
+                            study_name=study_name, seed=self.seed, workload=self.timing_workload(),
                             n_samples=self.calib_samples, batch_size=self.batch_size)
 
     def evaluate_config(self, results_path: Any = None, latency_table: Any = None) -> EvaluateConfig:
         """Evaluation's settings (``results_path``: the run's JSONL; ``latency_table``: predictions)."""
-        from mpsearch.latency import Workload
-
         return EvaluateConfig(mode=self.mode, batch_size=self.batch_size, results_path=results_path,
-                              workload=Workload(**self.workload), latency_table=latency_table, seed=self.seed,
+                              workload=self.timing_workload(), latency_table=latency_table, seed=self.seed,
                               max_new_tokens=self.max_new_tokens)
 
 
@@ -213,7 +213,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
     """
     import torch
 
-    from mpsearch.latency import LatencyTable, Workload, measure_latency_table
+    from mpsearch.latency import LatencyTable, measure_latency_table
     from mpsearch.models import discover_layers, load_vlm, model_info
     from mpsearch.sensitivity import SensitivityReport, calibration_batches, profile
     from mpsearch.space import SearchSpace
@@ -252,7 +252,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
     if not getattr(bench, "has_answers", True):
         raise MpsError(f"benchmark {cfg.benchmark!r} split {cfg.split!r} has no answers: it cannot be scored; "
                        "use a split with answers (e.g. validation)")
-    workload = Workload(**cfg.workload)
+    workload = cfg.timing_workload()
     info = model_info(model)
     model_key = {"model": cfg.model, "revision": cfg.revision, "dtype": str(next(model.parameters()).dtype),
                  "device": cfg.device, "info": info}
