@@ -267,17 +267,21 @@ def test_seedbench_single_image_field_and_only_video(tmp_path):
 
 # --------------------------------------------------------------------------- synthetic
 def test_synthetic():
+    v1 = load_benchmark("synthetic-v1", "dev", limit=6)
+    assert len(v1) == 6 and v1.has_answers and v1.name == "synthetic-v1"
+    assert set(v1.subjects) <= {"Colour", "Shapes", "Charts", "Counting"}
+    assert all(v1.question(i).skill == "perception" for i in range(len(v1)))
+    from mpsearch.tasks.synthetic import SKILL_OF_SUBJECT, SUBJECTS
     b = load_benchmark("synthetic", "dev", limit=6)
     assert len(b) == 6 and b.has_answers and b.name == "synthetic"
-    assert set(b.subjects) <= {"Colour", "Shapes", "Charts", "Counting"}
-    assert all(b.question(i).skill == "perception" for i in range(len(b)))
-    from mpsearch.tasks.synthetic_reasoning import SKILL_OF_SUBJECT, SUBJECTS
-    r = load_benchmark("synthetic-reasoning", "validation", limit=18)
-    assert r.name == "synthetic-reasoning" and set(r.subjects) == set(SUBJECTS)
+    r = load_benchmark("synthetic", "validation", limit=18)
+    assert r.name == "synthetic" and set(r.subjects) == set(SUBJECTS)
     assert {r.question(i).skill for i in range(len(r))} == {"perception", "reasoning"}
     assert all(r.question(i).skill == SKILL_OF_SUBJECT[r.question(i).subject] for i in range(len(r)))
-    with pytest.raises(MpsError, match="is not a synthetic-reasoning subject"):
-        load_benchmark("synthetic-reasoning", "dev", subjects=["nope"])
+    alias = load_benchmark("synthetic-reasoning", "validation", limit=18)
+    assert alias.name == "synthetic" and [q.id for q in alias.questions] == [q.id for q in r.questions]
+    with pytest.raises(MpsError, match="is not a synthetic subject"):
+        load_benchmark("synthetic", "dev", subjects=["nope"])
     assert isinstance(b[0]["image_1"], PILImage.Image)
     assert b.question(0).answer in ("A", "B", "C", "D")
     b2 = load_benchmark("synthetic", "dev", subjects=["counting"], limit=3)

@@ -130,7 +130,9 @@ def test_flips_kl_memory_and_model_restored(tiny, bench):
     from mpsearch.tasks.synthetic import SKILL_OF_SUBJECT, SUBJECTS
     assert set(base.per_subject) <= set(SUBJECTS)
     # per skill: accuracy over the questions of that skill, with its Wilson interval
-    assert set(base.per_skill) == set(base.per_skill_ci) == set(base.per_skill_n) == {"perception"}
+    skills = {SKILL_OF_SUBJECT[s] for s in base.per_subject}
+    assert set(base.per_skill) == set(base.per_skill_ci) == set(base.per_skill_n) == skills
+    assert skills == {"perception", "reasoning"}  # the 6 dev questions span both skills
     for skill in base.per_skill:
         subs = [s for s in base.per_subject if SKILL_OF_SUBJECT[s] == skill]
         n = sum(base.per_subject_n[s] for s in subs)
@@ -415,7 +417,7 @@ def test_per_skill_on_a_benchmark_with_two_skills(tiny):
     from mpsearch.evaluation.report import format_table
 
     model, processor = tiny
-    b = load_benchmark("synthetic-reasoning", "dev", limit=18)
+    b = load_benchmark("synthetic", "dev", limit=18)
     (base,) = evaluate(model, processor, [], b, mode="logits", batch_size=6, **FAST)
     skills = {b.question(i).id: b.question(i).skill for i in range(len(b))}
     for skill in ("perception", "reasoning"):

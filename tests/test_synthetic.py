@@ -1,4 +1,4 @@
-"""The synthetic benchmark: deterministic, MMMU schema, canonical options, disjoint splits."""
+"""The synthetic benchmark (the demo's): deterministic, MMMU schema, skills, answers that match the scene."""
 from __future__ import annotations
 
 import ast
@@ -34,12 +34,12 @@ def test_start_offset_is_a_window_of_the_same_stream():
 
 
 def test_default_sizes():
-    assert len(synthetic.generate("dev")) == 100
+    assert len(synthetic.generate("dev")) == 200
     t0 = time.perf_counter()
     val = synthetic.generate("validation")
-    assert len(val) == 500
-    assert time.perf_counter() - t0 < 5.0
-    assert len({r["id"] for r in val}) == 500
+    assert len(val) == 1008 >= 1000
+    assert time.perf_counter() - t0 < 10.0
+    assert len({r["id"] for r in val}) == 1008
 
 
 def test_schema_fields():
@@ -48,7 +48,7 @@ def test_schema_fields():
         assert row["question"].startswith("<image 1> ")
         assert row["question_type"] == "multiple-choice"
         assert row["subject"] in synthetic.SUBJECTS
-        assert row["skill"] == "perception"  # every question here is one perception step
+        assert row["skill"] == synthetic.SKILL_OF_SUBJECT[row["subject"]] in synthetic.SKILLS
         assert isinstance(row["options"], str)
         options = ast.literal_eval(row["options"])
         assert isinstance(options, list) and len(options) == 4 and len(set(options)) == 4
@@ -67,26 +67,68 @@ def test_every_subject_present_and_answers_spread():
     rows = synthetic.generate("validation", n=100)
     assert {r["subject"] for r in rows} == set(synthetic.SUBJECTS)
     assert {r["answer"] for r in rows} == set("ABCD")
+    # every question type answers with every letter, none more than half the time (no letter prior)
+    from collections import Counter
+    by_type: dict = {}
+    for row, attrs in synthetic.generate_with_attributes("validation", n=900):
+        by_type.setdefault(attrs["qtype"], Counter())[row["answer"]] += 1
+    assert set(by_type) == set(synthetic.QUESTION_TYPES)
+    for qtype, c in by_type.items():
+        assert max(c.values()) <= 0.5 * sum(c.values()), (qtype, c)
+
+
+def test_skills_split_perception_and_reasoning():
+    assert set(synthetic.SKILL_OF_TYPE.values()) == set(synthetic.SKILLS)
+    reasoning = [t for t, s in synthetic.SKILL_OF_TYPE.items() if s == "reasoning"]
+    assert len(reasoning) >= 3
+    rows = synthetic.generate("validation", n=90)
+    share = sum(r["skill"] == "reasoning" for r in rows) / len(rows)
+    assert share == len(reasoning) / len(synthetic.QUESTION_TYPES)
 
 
 def test_options_in_canonical_order():
-    for row in synthetic.generate("dev", n=50, seed=1):
+    for row in synthetic.generate("dev", n=90, seed=1):
         options = ast.literal_eval(row["options"])
-        if row["subject"] == "Counting":
-            assert options == ["1", "2", "3", "4"]
+        if row["subject"] in ("Counting", "Arithmetic", "Addition"):
+            assert options == sorted(options, key=int) and all(1 <= int(o) <= 8 for o in options)
         else:
             assert all(o in synthetic.COLOURS for o in options)
             assert options == sorted(options, key=synthetic.COLOURS.index)
 
 
 def test_answers_match_the_scene():
-    for row, attrs in synthetic.generate_with_attributes("dev", n=30):
+    for row, attrs in synthetic.generate_with_attributes("dev", n=90):
         options = ast.literal_eval(row["options"])
         assert options[ord(row["answer"]) - ord("A")] == attrs["answer_text"]
         if attrs["qtype"] == "count":
             assert attrs["answer_text"] == str(attrs["count"])
         if "cells" in attrs:
             assert sum(c is not None for c in attrs["cells"]) == attrs["count"]
+            assert sum(attrs["colour_counts"].values()) == attrs["count"]
+        cells = attrs.get("cells") or []
+        grid = {i: c for i, c in enumerate(cells) if c is not None}
+        q = row["question"]
+        if attrs["qtype"] == "most_colour":
+            counts = attrs["colour_counts"]
+            assert counts[attrs["answer_text"]] > max(v for c, v in counts.items() if c != attrs["answer_text"])
+        if attrs["qtype"] == "count_difference":
+            words = q.split()
+            a, b = words[words.index("more") + 1], words[words.index("than") + 1]
+            assert attrs["colour_counts"][a] - attrs["colour_counts"][b] == int(attrs["answer_text"])
+        if attrs["qtype"] in ("more_of", "count_sum"):
+            words = q.rstrip("?").split()
+            a, b = words[words.index("or") - 1 - (attrs["qtype"] == "more_of")], words[words.index("or") + 1]
+            na, nb = attrs["colour_counts"][a], attrs["colour_counts"][b]
+            if attrs["qtype"] == "more_of":
+                assert na != nb and attrs["answer_text"] == (a if na > nb else b)
+                assert a in options and b in options
+            else:
+                assert int(attrs["answer_text"]) == na + nb
+                assert [int(o) for o in options] == list(range(int(options[0]), int(options[0]) + 4))
+        if attrs["qtype"] == "largest_colour":
+            big = max(grid, key=lambda i: grid[i][2])
+            assert all(grid[i][2] < grid[big][2] for i in grid if i != big)
+            assert grid[big][1] == attrs["largest"]
         if "bars" in attrs:
             ranks = dict(attrs["bars"])
             assert ranks[attrs["tallest"]] == 3 and ranks[attrs["shortest"]] == 0

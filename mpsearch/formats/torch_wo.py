@@ -43,7 +43,10 @@ from mpsearch.formats.base import Format, register_format
 GROUP = 64            #: int4 group size along in_features
 INT8_K_MULTIPLE = 16  #: _weight_int8pack_mm: in_features must be a multiple of this
 INT4_N_MULTIPLE = 16  #: _convert_weight_to_int4pack_for_cpu: out_features must be a multiple of this
-_PACK_BLOCK_N = 64    #: the CPU int4 packer's block of output rows (see :func:`unpack_int4_cpu`)
+#: The CPU int4 packer's block of output rows by what its kernel was built for (see
+#: :func:`unpack_int4_cpu`): 64 with AVX-512, 32 with AVX2 (read off torch 2.13 on both).
+_PACK_BLOCKS_N = (64, 32)
+_pack_block_n: int | None = None
 _INNER_K_TILES = 2    #: argument of the packer (its CPU layout does not depend on it)
 
 _OPS = {
@@ -152,11 +155,12 @@ def quantize_int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 def unpack_int4_cpu(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """Codes (uint8 ``[out, in]``) from ``aten._convert_weight_to_int4pack_for_cpu``'s output.
 
-    The packer's layout (torch 2.13, read from its output): output rows in blocks of 64, each
-    block stored as ``[in, 32]`` bytes, byte ``j`` holding row ``j`` (low nibble) and row
-    ``j + 32`` (high nibble); a last block of fewer than 64 rows is stored ``[in, rows / 2]``
-    with consecutive rows ``2j`` (low) and ``2j + 1`` (high). Every build checks this against
-    the codes it packed.
+    The packer's layout (torch 2.13, read from its output): output rows in blocks of ``B`` (64
+    where its kernel uses AVX-512, 32 with AVX2; found once per process by packing a probe),
+    each block stored as ``[in, B / 2]`` bytes, byte ``j`` holding row ``j`` (low nibble) and
+    row ``j + B / 2`` (high nibble); a last block of fewer than ``B`` rows is stored
+    ``[in, rows / 2]`` with consecutive rows ``2j`` (low) and ``2j + 1`` (high). Every build
+    checks this against the codes it packed.
 
     Example:
         >>> q = torch.randint(0, 16, (80, 64), dtype=torch.int32)
@@ -164,7 +168,29 @@ def unpack_int4_cpu(packed: torch.Tensor, out_features: int, in_features: int) -
         >>> torch.equal(unpack_int4_cpu(p, 80, 64).int(), q)
         True
     """
-    n, k, b = out_features, in_features, _PACK_BLOCK_N
+    return _unpack_blocks(packed, out_features, in_features, _packer_block_n())
+
+
+def _packer_block_n() -> int:
+    """The block of output rows this machine's packer uses: the one under which a probe
+    matrix (128 rows) unpacks to itself. Raises if none does (a layout mpsearch does not know)."""
+    global _pack_block_n
+    if _pack_block_n is None:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=g)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
+        for b in _PACK_BLOCKS_N:
+            if torch.equal(_unpack_blocks(packed, 128, 64, b).to(torch.int32), q):
+                _pack_block_n = b
+                break
+        else:
+            raise MpsError(f"torch.int4wo: torch {torch.__version__} packs int4 weights in a layout mpsearch does "
+                           "not know (blocks of 64 or 32 rows), so the weight its kernel uses cannot be read "
+                           "back; use rtn.int4 instead")
+    return _pack_block_n
+
+
+def _unpack_blocks(packed: torch.Tensor, n: int, k: int, b: int) -> torch.Tensor:
     flat = packed.reshape(-1)
     out = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
     full = n // b

@@ -25,8 +25,11 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "mmmu": ("dev", "validation", "test"),
     "seedbench": ("test",),
     "synthetic": ("train", "dev", "validation"),
-    "synthetic-reasoning": ("train", "dev", "validation"),
+    "synthetic-v1": ("train", "dev", "validation"),
 }
+#: The generated benchmarks' modules (under ``mpsearch.tasks``): ``synthetic`` is the demo's
+#: perception-and-reasoning set; ``synthetic-v1`` the perception-only set of the first demo model.
+_SYNTHETIC_MODULES = {"synthetic": "synthetic", "synthetic-v1": "synthetic_v1"}
 
 
 def _load_synthetic(split: str, path: object, subjects: Iterable[str] | str | None, limit: int | None,
@@ -35,7 +38,7 @@ def _load_synthetic(split: str, path: object, subjects: Iterable[str] | str | No
 
     from mpsearch.tasks import base
 
-    synthetic = importlib.import_module("mpsearch.tasks." + name.replace("-", "_"))
+    synthetic = importlib.import_module("mpsearch.tasks." + _SYNTHETIC_MODULES[name])
 
     if path is not None:
         raise MpsError(f"{name}: the benchmark is generated, not read; drop path= / --data "
@@ -71,9 +74,9 @@ def load_benchmark(name: str, split: str = "validation", path: str | os.PathLike
 
     ``name``: ``mmmu`` (hub ``MMMU/MMMU``, 30 subject configs, splits dev/validation/test),
     ``seedbench`` (``lmms-lab/SEED-Bench`` image questions, split test) or ``synthetic`` (the demo
-    set, generated; splits train/dev/validation; ``seed`` picks the stream) or
-    ``synthetic-reasoning`` (its harder sibling: perception and multi-step reasoning questions,
-    each labelled with its skill). ``path``: a local
+    set, generated: perception and multi-step reasoning questions, each labelled with its skill;
+    splits train/dev/validation; ``seed`` picks the stream; alias ``synthetic-reasoning``) or
+    ``synthetic-v1`` (the first demo model's perception-only set). ``path``: a local
     copy (a ``datasets.save_to_disk`` directory or a hub snapshot) or another hub id; None looks in
     the hub cache, then asks ``datasets.load_dataset`` (hub, or its cache offline).
     ``subjects``: names to keep (MMMU also takes the official short names). ``limit``: the first N
@@ -82,7 +85,7 @@ def load_benchmark(name: str, split: str = "validation", path: str | os.PathLike
 
     Example:
         >>> load_benchmark("synthetic", "validation", limit=3).subjects
-        ['Colour', 'Shapes', 'Charts']
+        ['Colour', 'Frequency', 'Shapes']
     """
     key = str(name).strip().lower().replace("-", "").replace("_", "")
     if key == "mmmu":
@@ -93,8 +96,8 @@ def load_benchmark(name: str, split: str = "validation", path: str | os.PathLike
         from mpsearch.tasks import seedbench
 
         return seedbench.load(split, path, subjects, limit)
-    if key in ("synthetic", "demo"):
+    if key in ("synthetic", "demo", "syntheticreasoning"):
         return _load_synthetic(split, path, subjects, limit, seed)
-    if key == "syntheticreasoning":
-        return _load_synthetic(split, path, subjects, limit, seed, name="synthetic-reasoning")
+    if key == "syntheticv1":
+        return _load_synthetic(split, path, subjects, limit, seed, name="synthetic-v1")
     raise MpsError(f"benchmark {name!r} unknown; valid: {', '.join(BENCHMARKS)}")
