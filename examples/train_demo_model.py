@@ -1,30 +1,30 @@
-"""Train the next demo VLM on the perception-and-reasoning benchmark (``synthetic-reasoning``).
+"""Train the demo VLM shipped in ``mpsearch/demo`` on the demo benchmark (``synthetic``).
 
-    python examples/train_reasoning_demo.py                 # train (resumes if interrupted)
-    python examples/train_reasoning_demo.py --fresh         # start over
-    python examples/train_reasoning_demo.py --eval-only     # accuracy (logits, generate, blank images)
+    python examples/train_demo_model.py                 # train (resumes if interrupted)
+    python examples/train_demo_model.py --fresh         # start over
+    python examples/train_demo_model.py --eval-only     # accuracy (logits, generate, blank images)
 
-Work in progress, NOT the shipped demo (``mpsearch/demo`` is trained by train_demo_model.py on
-``synthetic``): no run of this recipe has reached the accuracy the demo needs yet (see
-docs/benchmarks.md, "Reasoning demo model"). Output goes to ``runs/reasoning-demo``. The model: a real
-``LlavaForConditionalGeneration`` sized so that CPU kernels differ (CLIP vision tower hidden 192,
-Llama language model hidden 256 / MLP 1024, 128x128 images at patch 16 = 64 image tokens, 6.3M
-parameters), word-level tokenizer, ``LlavaProcessor``; everything ``save_pretrained``.
+The model: a real ``LlavaForConditionalGeneration`` sized so that CPU kernels differ (CLIP
+vision tower hidden 192, Llama language model hidden 256 / MLP 1024, 128x128 images at patch 16
+= 64 image tokens, 6.3M parameters), word-level tokenizer, ``LlavaProcessor``; everything
+``save_pretrained``. Building, batching and the schedule are the first demo's
+(``train_demo_model_v1.py``). Two threads (measured: 1.4 s per stage-2 step against ~1.7 at one).
 
-Recipe (docs/benchmarks.md, "Reasoning demo model", has the runs and their diagnostics):
+Recipe (docs/benchmarks.md, "Demo model", has the curve; "Reasoning demo model, earlier
+rounds" what did not work):
 
-* stage 1 (vision tower alone, 1200 steps x 64 pictures): the generator's scene attributes
-  through a classification head dropped afterwards: per grid cell kind / colour / size from
-  that cell's patches, per patch token its own cell's kind and colour, scene facts (counts per
-  colour, largest shape, most frequent colour, ...) from the mean patch, bars from all patches;
+* stage 1 (vision tower + projector, 800 steps x 64 pictures): linear heads on every projected
+  image token, RMS-normalized as the language model's first norm sees it (:class:`AttrHead`),
+  learn the scene-level facts (number of shapes, of each colour, largest shape's colour, most
+  frequent colour, each kind's colour, tallest / shortest bar) and the token's own cell's kind
+  and colour. So every image token carries the whole scene, and any attention over the image
+  tokens hands it to the language model; heads dropped afterwards;
 * stage 1.5 (language model alone, text only, 100 steps x 128): the letter lookup every
   multiple-choice answer ends with, on prompts whose question is the answer word
-  (:func:`pointer_variant`); without it, after 200 stage-2 steps the open answers were 40%
-  right and the letters at chance;
-* stage 2 (projector + language model, vision frozen, 1500 steps x 32): exactly the prompts
-  evaluation builds, mixed with the same pictures asked open-ended (the answer word), asked
-  for a description (:func:`caption_variant`, a dense signal for reading every image token)
-  and as letter lookups.
+  (:func:`pointer_variant`);
+* stage 2 (language model, tower and projector frozen, 2400 steps x 32): exactly the prompts
+  evaluation builds, mixed with the same pictures asked open-ended (the answer word) and as
+  letter lookups.
 
 Deterministic: the data of step ``t`` is rows ``[t*B, (t+1)*B)`` of the train stream, so the
 same seed and thread count give the same weights (checked on a shortened run: two runs of 6+6+6
@@ -307,21 +307,21 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (the same count retrains the same weights)")
-    ap.add_argument("--stage1-steps", type=int, default=1200)
+    ap.add_argument("--stage1-steps", type=int, default=800)
     ap.add_argument("--stage1-batch", type=int, default=64)
     ap.add_argument("--stage1-lr", type=float, default=2e-3)
     ap.add_argument("--pointer-steps", type=int, default=100,
                     help="stage 1.5: text-only letter-lookup steps (the language model alone)")
     ap.add_argument("--pointer-batch", type=int, default=128)
-    ap.add_argument("--stage2-steps", type=int, default=1500)
+    ap.add_argument("--stage2-steps", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--open-frac", type=float, default=0.1875)
     ap.add_argument("--pointer-frac", type=float, default=0.25,
                     help="share of each stage-2 batch whose question is its own answer word (letter lookup)")
-    ap.add_argument("--eval-every", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--eval-n", type=int, default=270)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--fresh", action="store_true", help="ignore a saved training state")

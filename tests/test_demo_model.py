@@ -51,16 +51,36 @@ def test_loads_as_a_llava_with_the_documented_shape(demo):
     enc = encode_batch(processor, [row])
     assert int((enc["input_ids"] == cfg.image_token_id).sum()) == n_img
     assert processor.tokenizer.unk_token_id not in enc["input_ids"][0].tolist()
-    assert sum(p.numel() for p in model.parameters()) < 5_000_000
+    # sized so that CPU kernels differ (the demo issue): language hidden >= 256, >= 64 image tokens
+    assert cfg.text_config.hidden_size >= 256 and n_img >= 64
+    assert sum(p.numel() for p in model.parameters()) < 10_000_000
+    assert (DEMO / "model.safetensors").stat().st_size < 60 * 2**20
     assert all(p.name.endswith(".safetensors") or p.suffix != ".bin" for p in DEMO.iterdir())
 
 
 def test_full_precision_accuracy_on_validation(demo):
     model, processor = demo
-    rows = synthetic.generate("validation", n=200)
+    rows = synthetic.generate("validation", n=270)
+    preds = _letter_predictions(model, processor, rows)
+    ok = [p == r["answer"] for p, r in zip(preds, rows)]
+    acc = sum(ok) / len(rows)
+    reasoning = [o for o, r in zip(ok, rows) if r["skill"] == "reasoning"]
+    # measured on the 1008 validation questions: 79.1% (reasoning 77.5%), docs/benchmarks.md
+    assert acc >= 0.74, acc
+    assert sum(reasoning) / len(reasoning) >= 0.70
+
+
+def test_blank_pictures_give_about_chance(demo):
+    """The answers come from the picture: the same questions on a background-only picture."""
+    from PIL import Image
+
+    model, processor = demo
+    rows = synthetic.generate("validation", n=270)
+    blank = Image.new("RGB", (synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE), synthetic.BACKGROUND)
+    rows = [dict(r, image_1=blank) for r in rows]
     preds = _letter_predictions(model, processor, rows)
     acc = sum(p == r["answer"] for p, r in zip(preds, rows)) / len(rows)
-    assert acc >= 0.85, acc
+    assert acc <= 0.40, acc  # chance is 25% (more_of: 50% from the question alone)
 
 
 def test_greedy_generation_answers_with_a_bare_letter(demo):
@@ -73,10 +93,10 @@ def test_greedy_generation_answers_with_a_bare_letter(demo):
     texts = processor.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     answers = [t.strip() for t in texts]
     assert all(a in {"A", "B", "C", "D"} for a in answers), answers
-    assert sum(a == r["answer"] for a, r in zip(answers, rows)) >= 6
+    assert sum(a == r["answer"] for a, r in zip(answers, rows)) >= 5
 
 
 def test_training_log_is_shipped_and_small():
     log = json.loads((DEMO / "training_log.json").read_text())
-    assert log["final"]["validation_accuracy"] >= 0.85
+    assert log["final"]["validation_accuracy"] >= 0.78 and log["final"]["n"] == 1008
     assert (DEMO / "training_log.json").stat().st_size < 100_000

@@ -57,7 +57,7 @@ def test_run_writes_every_artifact_and_reuses_them(tmp_path):
                    if r.memory_bytes <= summary.budget_mb * 2**20)
     for skill, acc in summary.chosen.per_skill.items():   # the synthetic set labels skills
         assert doc["metrics"][f"synthetic_accuracy_{skill}"] == acc
-    assert set(summary.chosen.per_skill) == {"perception"}   # the demo set is perception only
+    assert set(summary.chosen.per_skill) == {"perception", "reasoning"}   # the demo set labels both skills
     # baselines, the ILP policy and searched policies were all evaluated, each once
     labels = [r.label for r in summary.results]
     assert labels[0] == "fp32" and "ilp" in labels and any(l.startswith("uniform") for l in labels)
