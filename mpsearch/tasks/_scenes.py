@@ -48,6 +48,37 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, size:
         raise ValueError(kind)
 
 
+def bar_chart(rng: random.Random, which: str, size: int, heights: range, min_gap: int, bar_width: tuple[int, int],
+              margin: int, line_width: int) -> tuple[Image.Image, str, list[str], str, dict[str, Any]]:
+    """A ``size`` px chart of four bars in four colours and the question on its ``which``
+    (``tallest`` / ``shortest``) bar: heights drawn from ``heights``, at least ``min_gap`` px
+    apart; bar widths in ``bar_width``; the baseline ``2 * margin`` px above the bottom. Returns
+    ``(image, question, options, answer, attributes)``, attributes ``tallest``, ``shortest`` and
+    ``bars`` (left to right: ``(colour, height rank)``, 0 = shortest)."""
+    colours = rng.sample(COLOURS, 4)
+    while True:  # distinct heights, at least min_gap px apart
+        hs = sorted(rng.sample(heights, 4))
+        if min(b - a for a, b in zip(hs, hs[1:])) >= min_gap:
+            break
+    rng.shuffle(hs)
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    base = size - 2 * margin
+    draw.line([(margin, base), (size - margin - 1, base)], fill=(90, 90, 90), width=line_width)
+    width = rng.randint(*bar_width)
+    gap = (size - 2 * margin - 4 * width) / 5.0
+    for i, (c, h) in enumerate(zip(colours, hs)):
+        x0 = margin + gap * (i + 1) + width * i
+        draw.rectangle([x0, base - h, x0 + width - 1, base - 1], fill=PALETTE[c])
+    tallest = colours[hs.index(max(hs))]
+    shortest = colours[hs.index(min(hs))]
+    answer = tallest if which == "tallest" else shortest
+    options = [c for c in COLOURS if c in colours]
+    ranks = [sorted(hs).index(h) for h in hs]  # 0 = shortest
+    return img, f"What colour is the {which} bar?", options, answer, {
+        "tallest": tallest, "shortest": shortest, "bars": list(zip(colours, ranks))}
+
+
 def _bucket(img: Image.Image, question: str) -> int:
     h = hashlib.blake2b(img.tobytes(), digest_size=8)
     h.update(question.encode())
@@ -96,4 +127,4 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
 
-__all__ = ["PALETTE", "COLOURS", "SHAPES", "BACKGROUND", "SPLITS", "draw_shape", "draw_row", "draw_stream"]
+__all__ = ["PALETTE", "COLOURS", "SHAPES", "BACKGROUND", "SPLITS", "bar_chart", "draw_shape", "draw_row", "draw_stream"]

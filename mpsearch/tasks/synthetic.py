@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
-from mpsearch.tasks._scenes import BACKGROUND, COLOURS, PALETTE, SHAPES, SPLITS, draw_row, draw_stream
+from mpsearch.tasks._scenes import BACKGROUND, COLOURS, PALETTE, SHAPES, SPLITS, bar_chart, draw_row, draw_stream
 from mpsearch.tasks._scenes import draw_shape as _draw_shape
 
 #: Version of the generator: a change of pictures or questions changes it.
@@ -184,28 +184,7 @@ def _count(rng: random.Random) -> Made:
 
 
 def _bars(rng: random.Random, which: str) -> Made:
-    colours = rng.sample(COLOURS, 4)
-    while True:  # distinct heights, at least 10 px apart
-        heights = sorted(rng.sample(range(14, 117), 4))
-        if min(b - a for a, b in zip(heights, heights[1:])) >= 10:
-            break
-    rng.shuffle(heights)
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    base = IMAGE_SIZE - 6
-    draw.line([(3, base), (IMAGE_SIZE - 4, base)], fill=(90, 90, 90), width=2)
-    width = rng.randint(16, 22)
-    gap = (IMAGE_SIZE - 6 - 4 * width) / 5.0
-    for i, (c, h) in enumerate(zip(colours, heights)):
-        x0 = 3 + gap * (i + 1) + width * i
-        draw.rectangle([x0, base - h, x0 + width - 1, base - 1], fill=PALETTE[c])
-    tallest = colours[heights.index(max(heights))]
-    shortest = colours[heights.index(min(heights))]
-    answer = tallest if which == "tallest" else shortest
-    options = [c for c in COLOURS if c in colours]
-    ranks = [sorted(heights).index(h) for h in heights]  # 0 = shortest
-    return img, f"What colour is the {which} bar?", options, answer, {
-        "tallest": tallest, "shortest": shortest, "bars": list(zip(colours, ranks))}
+    return bar_chart(rng, which, IMAGE_SIZE, range(14, 117), min_gap=10, bar_width=(16, 22), margin=3, line_width=2)
 
 
 # ----------------------------------------------------------------------------- reasoning

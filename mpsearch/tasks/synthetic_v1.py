@@ -40,7 +40,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from mpsearch.tasks._scenes import BACKGROUND, COLOURS, PALETTE, SHAPES, SPLITS, draw_row, draw_stream
+from mpsearch.tasks._scenes import BACKGROUND, COLOURS, PALETTE, SHAPES, SPLITS, bar_chart, draw_row, draw_stream
 from mpsearch.tasks._scenes import draw_shape as _draw_shape
 
 IMAGE_SIZE = 64
@@ -136,29 +136,7 @@ def _shape_colour(rng: random.Random) -> tuple[Image.Image, str, list[str], str,
 
 
 def _bars(rng: random.Random, which: str) -> tuple[Image.Image, str, list[str], str, dict]:
-    colours = rng.sample(COLOURS, 4)
-    # Distinct heights, at least 6 px apart.
-    while True:
-        heights = sorted(rng.sample(range(8, 57), 4))
-        if min(b - a for a, b in zip(heights, heights[1:])) >= 6:
-            break
-    rng.shuffle(heights)
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    base = IMAGE_SIZE - 4
-    draw.line([(2, base), (IMAGE_SIZE - 3, base)], fill=(90, 90, 90), width=1)
-    width = rng.randint(9, 12)
-    gap = (IMAGE_SIZE - 4 - 4 * width) / 5.0
-    for i, (c, h) in enumerate(zip(colours, heights)):
-        x0 = 2 + gap * (i + 1) + width * i
-        draw.rectangle([x0, base - h, x0 + width - 1, base - 1], fill=PALETTE[c])
-    tallest = colours[heights.index(max(heights))]
-    shortest = colours[heights.index(min(heights))]
-    answer = tallest if which == "tallest" else shortest
-    options = [c for c in COLOURS if c in colours]
-    ranks = [sorted(heights).index(h) for h in heights]  # 0 = shortest
-    return img, f"What colour is the {which} bar?", options, answer, {
-        "tallest": tallest, "shortest": shortest, "bars": list(zip(colours, ranks))}
+    return bar_chart(rng, which, IMAGE_SIZE, range(8, 57), min_gap=6, bar_width=(9, 12), margin=2, line_width=1)
 
 
 def _count(rng: random.Random) -> tuple[Image.Image, str, list[str], str, dict]:
