@@ -6,18 +6,23 @@ import time
 
 import pytest
 
-from mpsearch.tasks import synthetic
+from mpsearch.tasks import synthetic, synthetic_v1
 from mpsearch.tasks.prompts import mmmu_prompt, to_messages
 
 MMMU_FIELDS = {"id", "question", "options", "answer", "image_1", "image_2", "image_3", "image_4", "image_5",
                "image_6", "image_7", "subject", "question_type", "img_type", "topic_difficulty", "explanation"}
 
 
+# What holds for both generated sets: the demo's and the first demo model's (synthetic-v1).
+SETS = pytest.mark.parametrize("synthetic", [synthetic, synthetic_v1], ids=["synthetic", "synthetic-v1"])
+
+
 def _key(row):
     return (row["image_1"].tobytes(), row["question"])
 
 
-def test_same_seed_same_rows_images_byte_identical():
+@SETS
+def test_same_seed_same_rows_images_byte_identical(synthetic):
     a = synthetic.generate("dev", n=20, seed=3)
     b = synthetic.generate("dev", n=20, seed=3)
     for x, y in zip(a, b):
@@ -27,7 +32,8 @@ def test_same_seed_same_rows_images_byte_identical():
     assert [_key(r) for r in a] != [_key(r) for r in c]
 
 
-def test_start_offset_is_a_window_of_the_same_stream():
+@SETS
+def test_start_offset_is_a_window_of_the_same_stream(synthetic):
     whole = synthetic.generate("train", n=12, seed=0)
     tail = synthetic.generate("train", n=4, seed=0, start=8)
     assert [_key(r) for r in whole[8:]] == [_key(r) for r in tail]
@@ -42,7 +48,8 @@ def test_default_sizes():
     assert len({r["id"] for r in val}) == 1008
 
 
-def test_schema_fields():
+@SETS
+def test_schema_fields(synthetic):
     for row in synthetic.generate("dev", n=25):
         assert set(row) >= MMMU_FIELDS
         assert row["question"].startswith("<image 1> ")
@@ -134,7 +141,8 @@ def test_answers_match_the_scene():
             assert ranks[attrs["tallest"]] == 3 and ranks[attrs["shortest"]] == 0
 
 
-def test_validation_never_overlaps_train():
+@SETS
+def test_validation_never_overlaps_train(synthetic):
     val = {_key(r) for r in synthetic.generate("validation", n=500)}
     train = {_key(r) for r in synthetic.generate("train", n=2000)}
     train |= {_key(r) for r in synthetic.generate("train", n=500, seed=1000)}  # the vision-pretraining stream
@@ -144,6 +152,7 @@ def test_validation_never_overlaps_train():
     assert not val & dev
 
 
-def test_unknown_split():
+@SETS
+def test_unknown_split(synthetic):
     with pytest.raises(ValueError):
         synthetic.generate("test", n=1)
