@@ -52,8 +52,10 @@ from mpsearch.tasks import synthetic  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_demo_model_v1 as base  # noqa: E402  (the first demo's recipe: building, batching, schedule)
-from train_demo_model_v1 import Encoder, lr_at, open_variant, optimizer_step, param_groups, save_state, vision_feats  # noqa: E402,F401
-from mpsearch.tasks.prompts import encode_batch, option_letters, parse_options  # noqa: E402
+from train_demo_model_v1 import (  # noqa: E402,F401
+    Encoder, evaluate_generate, evaluate_letters, lr_at, open_variant, optimizer_step, param_groups, save_state,
+    vision_feats)
+from mpsearch.tasks.prompts import option_letters, parse_options  # noqa: E402
 
 DEFAULT_OUT = ROOT / "mpsearch" / "demo"
 
@@ -216,30 +218,6 @@ def pointer_accuracy(model, enc, rows, image_token_id: int) -> float:
 
 
 # ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate_letters(model, enc: Encoder, rows, batch: int = 100):
-    """Accuracy by next-token logits at the last prompt token, restricted to the option letters."""
-    model.eval()
-    tok = enc.tok
-    correct, per_subject = [], {}
-    for i in range(0, len(rows), batch):
-        chunk = rows[i: i + batch]
-        b = enc(chunk)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                       pixel_values=b["pixel_values"]).logits
-        last = logits[torch.arange(len(chunk)), b["prompt_last"]]
-        for r, lg in zip(chunk, last):
-            letters = option_letters(len(parse_options(r["options"])))
-            ids = tok.convert_tokens_to_ids(letters)
-            pred = letters[int(torch.argmax(lg[ids]))]
-            ok = pred == r["answer"]
-            correct.append(ok)
-            per_subject.setdefault(r["subject"], []).append(ok)
-            per_subject.setdefault("skill:" + r["skill"], []).append(ok)
-    model.train()
-    return float(np.mean(correct)), {k: float(np.mean(v)) for k, v in sorted(per_subject.items())}
-
-
 def blank(rows):
     """The same questions on a blank (background-only) picture: what the text alone gives."""
     from PIL import Image
@@ -259,32 +237,6 @@ def summarize_attrs(acc):
             out[k] = v
     out.update({k: sum(v) / len(v) for k, v in groups.items()})
     return out
-
-
-@torch.no_grad()
-def evaluate_generate(model, processor, rows, batch: int = 50):
-    """Accuracy of greedy generation, the text parsed by the official MMMU rules."""
-    from mpsearch.tasks import mmmu
-
-    tok = processor.tokenizer
-    correct, per_subject, bare = [], {}, 0
-    rng = mmmu.official_rng()  # unparseable answers: the official random fallback
-    for i in range(0, len(rows), batch):
-        chunk = rows[i: i + batch]
-        enc = encode_batch(processor, chunk, padding_side="left")
-        enc.pop("prompt_last")
-        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
-        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for r, text in zip(chunk, texts):
-            index2ans, choices = mmmu.get_multi_choice_info(parse_options(r["options"]))
-            pred = mmmu.parse_multi_choice(text, choices, index2ans, rng=rng)
-            bare += text.strip() in choices
-            ok = mmmu.eval_multi_choice(r["answer"], pred)
-            correct.append(ok)
-            per_subject.setdefault(r["subject"], []).append(ok)
-            per_subject.setdefault("skill:" + r["skill"], []).append(ok)
-    return (float(np.mean(correct)), {k: float(np.mean(v)) for k, v in sorted(per_subject.items())},
-            bare / len(rows))
 
 
 @torch.no_grad()
@@ -342,9 +294,9 @@ def main(argv=None):
         model = AutoModelForImageTextToText.from_pretrained(out)
         model.eval()
         rows = synthetic.generate("validation", n=args.eval_only_n, seed=0)
-        acc, per = evaluate_letters(model, Encoder(processor), rows)
-        blank_acc, blank_per = evaluate_letters(model, Encoder(processor), blank(rows))
-        gen_acc, gen_per, parsed_share = evaluate_generate(model, processor, rows)
+        acc, per = evaluate_letters(model, Encoder(processor), rows, by_skill=True)
+        blank_acc, blank_per = evaluate_letters(model, Encoder(processor), blank(rows), by_skill=True)
+        gen_acc, gen_per, parsed_share = evaluate_generate(model, processor, rows, by_skill=True)
         print(json.dumps({"n": len(rows), "logits": {"accuracy": acc, "per_subject": per},
                           "blank_images": {"accuracy": blank_acc, "per_subject": blank_per},
                           "generate": {"accuracy": gen_acc, "per_subject": gen_per,
@@ -493,7 +445,7 @@ def main(argv=None):
         optimizer_step(opt, outp.loss, trained, bar)
         step += 1
         if step % args.eval_every == 0 or step == args.stage2_steps:
-            acc, per = evaluate_letters(model, enc, val_rows[: args.eval_n])
+            acc, per = evaluate_letters(model, enc, val_rows[: args.eval_n], by_skill=True)
             log["stage2"].append({"step": step, "elapsed_s": round(elapsed(), 1), "cpu_s": round(cpu(), 1),
                                   "loss": round(outp.loss.item(), 4),
                                   "val_acc": round(acc, 4), "n": args.eval_n})
@@ -503,7 +455,7 @@ def main(argv=None):
             checkpoint(opt)
     bar.close()
 
-    acc, per = evaluate_letters(model, enc, val_rows)
+    acc, per = evaluate_letters(model, enc, val_rows, by_skill=True)
     log["final"] = {"validation_accuracy": acc, "per_subject": per, "n": len(val_rows)}
     log["elapsed_s"], log["cpu_s"] = round(elapsed(), 1), round(cpu(), 1)
     log["threads"] = torch.get_num_threads()

@@ -301,8 +301,9 @@ def vision_feats(model, pixel_values):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_letters(model, enc: Encoder, rows, batch: int = 100):
-    """Accuracy by next-token logits at the last prompt token, restricted to the option letters."""
+def evaluate_letters(model, enc: Encoder, rows, batch: int = 100, by_skill: bool = False):
+    """Accuracy by next-token logits at the last prompt token, restricted to the option letters
+    (overall, and per subject; ``by_skill``: also per ``skill:<name>``)."""
     model.eval()
     tok = enc.tok
     correct, per_subject = [], {}
@@ -319,6 +320,8 @@ def evaluate_letters(model, enc: Encoder, rows, batch: int = 100):
             ok = pred == r["answer"]
             correct.append(ok)
             per_subject.setdefault(r["subject"], []).append(ok)
+            if by_skill:
+                per_subject.setdefault("skill:" + r["skill"], []).append(ok)
     model.train()
     return float(np.mean(correct)), {k: float(np.mean(v)) for k, v in sorted(per_subject.items())}
 
@@ -338,8 +341,9 @@ def summarize_attrs(acc):
 
 
 @torch.no_grad()
-def evaluate_generate(model, processor, rows, batch: int = 50):
-    """Accuracy of greedy generation, the text parsed by the official MMMU rules."""
+def evaluate_generate(model, processor, rows, batch: int = 50, by_skill: bool = False):
+    """Accuracy of greedy generation, the text parsed by the official MMMU rules (per subject;
+    ``by_skill``: also per ``skill:<name>``)."""
     from mpsearch.tasks import mmmu
 
     tok = processor.tokenizer
@@ -358,6 +362,8 @@ def evaluate_generate(model, processor, rows, batch: int = 50):
             ok = mmmu.eval_multi_choice(r["answer"], pred)
             correct.append(ok)
             per_subject.setdefault(r["subject"], []).append(ok)
+            if by_skill:
+                per_subject.setdefault("skill:" + r["skill"], []).append(ok)
     return (float(np.mean(correct)), {k: float(np.mean(v)) for k, v in sorted(per_subject.items())},
             bare / len(rows))
 
