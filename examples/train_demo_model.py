@@ -226,12 +226,11 @@ def blank(rows):
 
 
 def summarize_attrs(acc):
-    """Per-head accuracies with the per-bar and per-colour heads averaged into one number each."""
+    """Per-head accuracies with the per-colour (``n_*``) and per-kind (``kind_*``) heads averaged
+    into one number each."""
     out, groups = {}, {}
     for k, v in acc.items():
-        if k.startswith("bar") and k[3].isdigit():
-            groups.setdefault("bar*" + k[4:], []).append(v)
-        elif k.startswith(("n_", "row_", "col_", "kind_")):
+        if k.startswith(("n_", "kind_")):
             groups.setdefault(k.split("_")[0] + "_*", []).append(v)
         else:
             out[k] = v
