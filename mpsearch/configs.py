@@ -192,6 +192,8 @@ class EvaluateConfig(StageConfig):
         batch_size, placement, seed: how questions are batched, where inputs go, the seed.
         results_path: JSONL file, resumable.
         include_baselines: full precision and the space's uniform policies first.
+        uniform: the formats whose uniform policies are included (None: every format of the
+            space; a format the space lacks raises).
         workload, latency_table, measure_latency: what is timed, and whether.
         progress: tqdm bars.
 
@@ -206,6 +208,7 @@ class EvaluateConfig(StageConfig):
     workload: Any = None
     latency_table: Any = None
     include_baselines: bool = True
+    uniform: Any = None
     seed: int = 0
     max_new_tokens: int = 32
     placement: str = "inline"

@@ -38,12 +38,17 @@ class RunConfig:
 
     Budgets: a number, ``"auto"`` or None (no budget of that kind; at least one is needed).
     ``budget_mb: auto`` is the weight memory of uniform 4-bit (the smallest uniform policy of a
-    format with >= 4 bits per weight); ``budget_ms: auto`` is the predicted latency of the fastest
-    uniform int8-or-wider policy (see :func:`resolve_budgets`). The demo sets a memory budget
-    only: on a CPU the fast formats (int8 dynamic, bf16) are few, and what a mixed policy wins
-    there is size at the accuracy of a bigger model. ``benchmark``/``split`` are what results are reported on; calibration data
+    format with >= 4 bits per weight), ``budget_mb: auto:<bits>`` the weight memory at that many
+    bits per weight (between the space's uniform policies); ``budget_ms: auto`` is the predicted
+    latency of the fastest uniform int8-or-wider policy (see :func:`resolve_budgets`). The demo
+    sets a memory budget only, ``auto:2.5``: on a CPU the fast formats (int8 dynamic, bf16) are
+    few, and the demo model loses nothing at uniform 4-bit; what a mixed policy wins there is
+    accuracy at a size where the only uniform policy that fits, 2-bit, loses 5.7 points. ``benchmark``/``split`` are what results are reported on; calibration data
     for profiling and refinement come from ``calib_split`` of the same benchmark (disjoint from
-    the evaluation split). See ``examples/`` for a real-model config.
+    the evaluation split). ``baselines``: ``relevant`` evaluates full precision and the uniform
+    policies that are within the budgets or predicted faster than full precision (see
+    :func:`relevant_uniform`; the summary names the others), ``all`` every uniform policy of the
+    space. See ``examples/`` for a real-model config.
 
     Example:
         >>> RunConfig(model="demo", space="cpu").budget_ms is None
@@ -66,15 +71,16 @@ class RunConfig:
     calib_samples: int = 32
     batch_size: int = 16
     space: str = "cpu"
-    method: str = "kl"
+    method: str = "fisher"
     n_probes: int = 8
     workload: dict[str, Any] = field(default_factory=lambda: {"batch": 1, "phase": "prefill"})
     budget_ms: float | str | None = None
-    budget_mb: float | str | None = "auto"
+    budget_mb: float | str | None = "auto:2.5"
     search_trials: int = 600
     sampler: str = "evo"
     refine_trials: int = 16
     top_k: int = 4
+    baselines: str = "relevant"
     seed: int = 0
     storage: str | None = None
     out: str = "runs/demo"
@@ -105,7 +111,7 @@ class RunConfig:
     def profile_config(self) -> ProfileConfig:
         """The profile stage's settings. Example:
             >>> RunConfig().profile_config().method
-            'kl'
+            'fisher'
         """
         return ProfileConfig(method=self.method, n_samples=self.calib_samples, seed=self.seed,
                              batch_size=self.batch_size, n_probes=self.n_probes, model_name=self.model)
@@ -132,11 +138,13 @@ class RunConfig:
                             study_name=study_name, seed=self.seed, workload=self.timing_workload(),
                             n_samples=self.calib_samples, batch_size=self.batch_size)
 
-    def evaluate_config(self, results_path: Any = None, latency_table: Any = None) -> EvaluateConfig:
-        """Evaluation's settings (``results_path``: the run's JSONL; ``latency_table``: predictions)."""
+    def evaluate_config(self, results_path: Any = None, latency_table: Any = None,
+                        uniform: Sequence[str] | None = None) -> EvaluateConfig:
+        """Evaluation's settings (``results_path``: the run's JSONL; ``latency_table``: predictions;
+        ``uniform``: the formats whose uniform baselines are evaluated, None for all)."""
         return EvaluateConfig(mode=self.mode, batch_size=self.batch_size, results_path=results_path,
                               workload=self.timing_workload(), latency_table=latency_table, seed=self.seed,
-                              max_new_tokens=self.max_new_tokens)
+                              max_new_tokens=self.max_new_tokens, uniform=uniform)
 
 
 # -- stage bookkeeping ------------------------------------------------------------------
@@ -294,8 +302,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
         log(f"[search] latency budget {budget_ms:.3f} ms" + (" (auto: the fastest uniform >= 8-bit policy, "
                                                              "predicted)" if cfg.budget_ms == "auto" else ""))
     if budget_mb is not None:
-        log(f"[search] memory budget {budget_mb:.3f} MiB" + (" (auto: uniform 4-bit's weight memory)"
-                                                              if cfg.budget_mb == "auto" else ""))
+        how = {"auto": " (auto: uniform 4-bit's weight memory)"}.get(str(cfg.budget_mb), "")
+        if str(cfg.budget_mb).startswith("auto:"):
+            how = f" ({cfg.budget_mb}: the weight memory at {cfg.budget_mb[5:]} bits per weight)"
+        log(f"[search] memory budget {budget_mb:.3f} MiB" + how)
     front_path = out / "front.json"
     key = inputs_key({"sens": file_hash(sens_path), "lat": file_hash(lat_path), "budget_ms": budget_ms,
                       "budget_mb": budget_mb, "trials": cfg.search_trials, "sampler": cfg.sampler,
@@ -345,8 +355,13 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
     if not refined:
         log("[evaluate] refine found no policy whose measured cost meets the budget; evaluating the proxy front")
     picks = pick_for_evaluation(refined or front, cfg.top_k)
+    uniform, skipped = (None, []) if cfg.baselines == "all" else relevant_uniform(
+        space, layers, lat, model, budget_ms, budget_mb)
+    for line in skipped:
+        log(f"[evaluate] {line}")
     results = evaluate(model, processor, [ilp_policy] + picks, bench, space=space, layers=layers,
-                       config=cfg.evaluate_config(results_path=out / "results.jsonl", latency_table=lat))
+                       config=cfg.evaluate_config(results_path=out / "results.jsonl", latency_table=lat,
+                                                  uniform=uniform))
     done()
 
     # 6. export the best policy under the budget
@@ -376,7 +391,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
                             budget_ms=budget_ms, budget_mb=budget_mb,
                             title=f"{cfg.model} on {cfg.benchmark}/{cfg.split}, space {space.name}")
     done()
-    notes = verdict(results, chosen, "measured" if selection == "measured latency" else "predicted")
+    notes = verdict(results, chosen, "measured" if selection == "measured latency" else "predicted") + skipped
     if cfg.refine_trials:
         from mpsearch.searching import fidelity_lines, proxy_fidelity
 
@@ -384,6 +399,45 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
     summary = RunSummary(out, budget_ms, budget_mb, results, exported, paths, seconds, chosen, notes)
     atomic_write_text(out / "summary.txt", summary.table() + "\n")
     return summary
+
+
+def relevant_uniform(space: Any, layers: Sequence[Any], lat: Any, model: Any, budget_ms: float | None,
+                     budget_mb: float | None) -> tuple[list[str], list[str]]:
+    """The formats whose uniform baselines a run evaluates (``baselines: relevant``), and a line
+    for each one it leaves out.
+
+    A uniform policy is left out when it is over a budget (weight memory over ``budget_mb``, or
+    predicted latency over ``budget_ms``) *and* predicted no faster than full precision: it cannot
+    be exported, it cannot beat the export (which is within the budgets, so smaller or faster
+    than it), and it shows no speed-up over full precision. Measured on the demo (2-core AVX2
+    CPU): uniform bf16 (119 ms, 12.5 MiB) and torch.int8wo (46 ms, 7.1 MiB) against fp32's
+    29 ms, each costing a full evaluation pass (122 s and 30 s of the run's 471 s).
+    ``baselines: all`` evaluates every uniform policy.
+
+    Example:
+        >>> fmts, notes = relevant_uniform(space, layers, lat, model, None, 4.6)   # doctest: +SKIP
+        >>> notes[0]                                                               # doctest: +SKIP
+        'not evaluated: uniform bf16 (predicted 119.1 ms, 12.47 MiB): over the memory budget ...'
+    """
+    from mpsearch.formats import policy_memory_bytes
+
+    keep: list[str] = []
+    skipped: list[str] = []
+    policies = space.uniform_policies(layers)
+    ref = next((p for p in policies if p.meta["format"] == space.default_format), None)
+    ref_ms = float(lat.predict(ref)) if ref is not None else None
+    for pol in policies:
+        fmt = pol.meta["format"]
+        ms, mib = float(lat.predict(pol)), policy_memory_bytes(model, pol) / 2**20
+        over = [name for name, hit in (("memory", budget_mb is not None and mib > budget_mb + 1e-9),
+                                       ("latency", budget_ms is not None and ms > budget_ms)) if hit]
+        if over and ref_ms is not None and fmt != space.default_format and ms >= ref_ms:
+            skipped.append(f"not evaluated: uniform {fmt} (predicted {ms:.1f} ms, {mib:.2f} MiB): over the "
+                           f"{' and '.join(over)} budget and no faster than {space.default_format} "
+                           f"({ref_ms:.1f} ms predicted); 'baselines: all' evaluates it")
+        else:
+            keep.append(fmt)
+    return keep, skipped
 
 
 def resolve_budgets(budget_ms: Any, budget_mb: Any, lat: Any, space: Any, layers: Sequence[Any],
@@ -398,6 +452,13 @@ def resolve_budgets(budget_ms: Any, budget_mb: Any, lat: Any, space: Any, layers
       the sensitive layers in 8 bits and pay with 2-3 bits where the model does not care. A space
       without a >= 4-bit quantized format: halfway between its smallest uniform policy and full
       precision.
+    * ``auto:<bits>`` memory: the weight bytes of a model at ``<bits>`` nominal bits per weight,
+      interpolated linearly between the smallest uniform policies of the nearest formats below
+      and above (exactly a format's uniform policy when one has those bits). The demo's
+      ``auto:2.5`` sits halfway between uniform 2-bit and 3-bit: its model keeps its accuracy at
+      uniform 4-bit (78.6% against fp32's 79.1%) and at 3-bit (78.1%), so a 4-bit budget leaves
+      mixed precision nothing to win, while uniform 2-bit loses 5.7 points; at 2.5 bits the only
+      uniform policy that fits is 2-bit.
     * ``auto`` latency: the predicted latency of the fastest uniform policy whose format keeps at
       least 8 bits per weight (int8 is the precision known to keep accuracy): a mixed policy at
       that latency may use faster low-bit kernels where they are faster and cost nothing.
@@ -417,8 +478,11 @@ def resolve_budgets(budget_ms: Any, budget_mb: Any, lat: Any, space: Any, layers
     def bits(p: Any) -> float:
         return float(get_format(p.meta["format"]).bits)
 
+    auto_bits = isinstance(budget_mb, str) and budget_mb.startswith("auto:")
     ms = float(budget_ms) if budget_ms not in (None, "auto") else None
-    mb = float(budget_mb) if budget_mb not in (None, "auto") else None
+    mb = float(budget_mb) if budget_mb not in (None, "auto") and not auto_bits else None
+    if auto_bits:
+        mb = _memory_at_bits(float(budget_mb[5:]), uniform, bits, model, space.name)
     if budget_ms == "auto":
         int8 = [p for p in uniform if bits(p) >= 8] or uniform
         ms = min(lat.predict(p) for p in int8)
@@ -431,6 +495,27 @@ def resolve_budgets(budget_ms: Any, budget_mb: Any, lat: Any, space: Any, layers
             full = policy_memory_bytes(model, Policy({}, default=full_fmt)) / 2**20
             mb = min(sizes) + 0.5 * (full - min(sizes))
     return ms, mb
+
+
+def _memory_at_bits(target: float, uniform: Sequence[Any], bits: Callable[[Any], float], model: Any,
+                    space_name: str) -> float:
+    """MiB of weights at ``target`` nominal bits per weight (``budget_mb: auto:<bits>``): the smallest
+    uniform policy of each bit width, linearly interpolated between the nearest widths around it."""
+    from mpsearch.formats import policy_memory_bytes
+
+    by_bits: dict[float, float] = {}
+    for p in uniform:
+        b, m = bits(p), policy_memory_bytes(model, p) / 2**20
+        by_bits[b] = min(by_bits.get(b, m), m)
+    if target in by_bits:
+        return by_bits[target]
+    below = [b for b in by_bits if b < target]
+    above = [b for b in by_bits if b > target]
+    if not below or not above:
+        raise MpsError(f"budget_mb: auto:{target:g} is outside the bit widths of search space {space_name!r} "
+                       f"({', '.join(f'{b:g}' for b in sorted(by_bits))}); give bits between them or a number of MiB")
+    lo, hi = max(below), min(above)
+    return by_bits[lo] + (target - lo) / (hi - lo) * (by_bits[hi] - by_bits[lo])
 
 
 def export_result(result: Any, path: str | Path, layers: Sequence[Any], model_name: str, revision: str | None,

@@ -333,8 +333,16 @@ class SearchSpaceFile(SearchSpaceSpec):
 def _budget(value: Any) -> Any:
     if value is None or value == "auto":
         return value
+    if isinstance(value, str) and value.startswith("auto:"):
+        try:
+            bits = float(value[5:])
+        except ValueError:
+            bits = float("nan")
+        if not math.isfinite(bits) or bits <= 0:
+            raise _fail(f"'auto:<bits>' needs a positive number of bits per weight, got {_short(value)}")
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise _fail(f"must be a positive number, 'auto' or null, got {_short(value)}")
+        raise _fail(f"must be a positive number, 'auto', 'auto:<bits>' (budget_mb) or null, got {_short(value)}")
     return value
 
 
@@ -362,21 +370,24 @@ class RunConfigSchema(_Strict):
     calib_samples: PosInt = 32
     batch_size: PosInt = 16
     space: Name = "cpu"
-    method: Literal["hessian", "fisher", "activation", "kl"] = "kl"
+    method: Literal["hessian", "fisher", "activation", "kl"] = "fisher"
     n_probes: PosInt = 8
     workload: WorkloadSchema = WorkloadSchema(batch=1, phase="prefill")
     budget_ms: Budget = None
-    budget_mb: Budget = "auto"
+    budget_mb: Budget = "auto:2.5"
     search_trials: NonNegInt = 600
     sampler: Literal["nsga2", "tpe", "gp", "evo"] = "evo"
     refine_trials: NonNegInt = 16
     top_k: NonNegInt = 4
+    baselines: Literal["relevant", "all"] = "relevant"
     seed: NonNegInt = 0
     storage: Optional[Name] = None
     out: Name = "runs/demo"
 
     @model_validator(mode="after")
     def _one_budget(self) -> "RunConfigSchema":
+        if isinstance(self.budget_ms, str) and self.budget_ms.startswith("auto:"):
+            raise _fail("budget_ms: 'auto:<bits>' is a memory budget (budget_mb); budget_ms takes a number or 'auto'")
         if self.budget_ms is None and self.budget_mb is None:
             raise _fail("set at least one of 'budget_ms' and 'budget_mb' (a number or 'auto')")
         return self

@@ -208,6 +208,13 @@ def test_uniform_policies_from_space(tiny, bench):
     rs = evaluate(model, processor, [], bench, space=space, **FAST)
     assert [r.label for r in rs] == ["fp32", "uniform rtn.int4"]  # uniform fp32 is the baseline itself
     assert rs[1].policy.format_for("lm_head") == "fp32"  # the head group does not allow rtn.int4
+    # uniform= names the formats whose uniform policies are included; unknown names raise
+    space2 = SearchSpace("t", {"vision": ["fp32", "rtn.int4", "rtn.int2"], "projector": ["fp32"],
+                               "language": ["fp32", "rtn.int4", "rtn.int2"], "head": ["fp32"]})
+    rs = evaluate(model, processor, [], bench, space=space2, uniform=["fp32", "rtn.int2"], **FAST)
+    assert [r.label for r in rs] == ["fp32", "uniform rtn.int2"]
+    with pytest.raises(MpsError, match="uniform='bf16': not a format of search space 't'"):
+        evaluate(model, processor, [], bench, space=space2, uniform=["bf16"], **FAST)
 
 
 # --------------------------------------------------------------------------- results file

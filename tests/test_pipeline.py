@@ -48,7 +48,7 @@ def test_run_writes_every_artifact_and_reuses_them(tmp_path):
     assert doc["metrics"]["synthetic_accuracy"] == summary.chosen.accuracy
     assert doc["provenance"]["search_space"] == "cpu" and doc["provenance"]["seed"] == 0
     # the chosen policy meets both budgets (measured latency, or predicted when no measurement did)
-    assert summary.budget_ms is None          # the demo's default: a memory budget at uniform 4-bit
+    assert summary.budget_ms is None          # the demo's default: a memory budget at 2.5 bits per weight
     assert summary.chosen.memory_bytes <= summary.budget_mb * 2**20
     # never dominated: no evaluated result within the budget is as accurate, no bigger and faster
     c = summary.chosen
@@ -159,3 +159,56 @@ def test_choose_against_brute_force():
     # a clearly more accurate policy wins over a faster, less accurate one
     rs = [R("mixed", 0.95, 6, 3), R("uniform", 0.85, 5, 3)]
     assert choose(rs, budget_mb=4).label == "mixed"
+
+
+def test_relevant_uniform_leaves_out_only_over_budget_and_not_faster():
+    """A uniform baseline is left out exactly when it is over a budget and predicted no faster
+    than full precision (checked on every format of a hand-made table)."""
+    from mpsearch.latency import LatencyTable
+    from mpsearch.models import Layer
+    from mpsearch.pipeline import relevant_uniform
+    from mpsearch.space import SearchSpace
+
+    torch = pytest.importorskip("torch")
+    layers = [Layer("fc1", "language", 64, 64, False), Layer("fc2", "language", 64, 64, False)]
+    model = torch.nn.Module()
+    model.fc1, model.fc2 = torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(64, 64, bias=False)
+    space = SearchSpace("t", {"language": ["fp32", "bf16", "torch.int8dyn", "rtn.int4", "rtn.int2"]})
+    per = {"fp32": 1.0, "bf16": 4.0, "torch.int8dyn": 0.5, "rtn.int4": 1.5, "rtn.int2": 0.9}
+    lat = LatencyTable(0.0, {n: dict(per) for n in ("fc1", "fc2")})
+    mib = {f: 2 * 64 * 64 * b / 8 / 2**20 for f, b in {"fp32": 32, "bf16": 16}.items()}
+    budget = mib["bf16"] - 1e-6  # bf16 and fp32 over it; int8 and below within
+    keep, notes = relevant_uniform(space, layers, lat, model, None, budget)
+    # bf16: over the memory budget and slower than fp32 -> out; int8dyn: within; rtn.int4: within
+    # the budget though slower; fp32 is the reference
+    assert keep == ["fp32", "torch.int8dyn", "rtn.int4", "rtn.int2"]
+    assert len(notes) == 1 and notes[0].startswith("not evaluated: uniform bf16 (predicted 8.0 ms")
+    assert "over the memory budget and no faster than fp32 (2.0 ms predicted)" in notes[0]
+    # a latency budget: rtn.int4 (3.0 ms) is over it and slower than fp32 -> out too
+    keep, notes = relevant_uniform(space, layers, lat, model, 2.5, None)
+    assert keep == ["fp32", "torch.int8dyn", "rtn.int2"] and len(notes) == 2
+    # bf16 under budget would be kept: nothing is left out without a budget it breaks
+    keep, _ = relevant_uniform(space, layers, lat, model, None, 1.0)
+    assert keep == ["fp32", "bf16", "torch.int8dyn", "rtn.int4", "rtn.int2"]
+
+
+def test_auto_bits_budget_interpolates_between_uniform_policies():
+    """budget_mb auto:<bits>: a format's own uniform memory at its bits, linear in between, and
+    an error naming the space's widths outside them; plain auto stays uniform 4-bit."""
+    from mpsearch.formats import policy_memory_bytes
+    from mpsearch.models import discover_layers, load_vlm
+    from mpsearch.pipeline import resolve_budgets
+    from mpsearch.space import SearchSpace
+    from mpsearch.errors import MpsError
+
+    model, _ = load_vlm("tiny:llava", load_processor=False)
+    layers = discover_layers(model)
+    space = SearchSpace.from_yaml("cpu")
+    mib = {p.meta["format"]: policy_memory_bytes(model, p) / 2**20 for p in space.uniform_policies(layers)}
+    assert resolve_budgets(None, "auto:3", None, space, layers, model)[1] == mib["rtn.int3"]
+    _, half = resolve_budgets(None, "auto:2.5", None, space, layers, model)
+    assert half == pytest.approx((mib["rtn.int2"] + mib["rtn.int3"]) / 2, rel=1e-12)
+    assert mib["rtn.int2"] < half < mib["rtn.int3"]
+    assert resolve_budgets(None, "auto", None, space, layers, model)[1] == min(mib["rtn.int4"], mib["torch.int4wo"])
+    with pytest.raises(MpsError, match=r"auto:1 is outside the bit widths of search space 'cpu' \(2, 3, 4"):
+        resolve_budgets(None, "auto:1", None, space, layers, model)

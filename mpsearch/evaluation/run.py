@@ -29,15 +29,23 @@ def _baseline_policy(model: Any) -> Any:
     return Policy({}, default=fmt, meta={"label": fmt, "baseline": True})
 
 
-def _uniform_policies(model: Any, space: Any, baseline: Any, layers: Sequence[Any] | None) -> list[Any]:
+def _uniform_policies(model: Any, space: Any, baseline: Any, layers: Sequence[Any] | None,
+                      formats: Sequence[str] | None = None) -> list[Any]:
     """The space's uniform policies (:meth:`SearchSpace.uniform_policies`, the one way to make
-    them), the one equal to the baseline left out."""
+    them), the one equal to the baseline left out; only those of ``formats`` when given."""
     if layers is None:
         from mpsearch.models import discover_layers
 
         layers = discover_layers(model)
+    if formats is not None:
+        unknown = [f for f in formats if f not in space.formats()]
+        if unknown:
+            raise MpsError(f"uniform={unknown[0]!r}: not a format of search space {space.name!r} "
+                           f"(its formats: {', '.join(space.formats())})")
     out = []
     for pol in space.uniform_policies(layers):
+        if formats is not None and pol.meta["format"] not in formats:
+            continue
         pol.meta.update(uniform=pol.meta["format"], search_space=space.name)
         if pol.key() != baseline.key():
             out.append(pol)
@@ -61,8 +69,8 @@ def evaluate(
     Settings come from ``config`` (:class:`mpsearch.configs.EvaluateConfig`); keywords named like
     its fields override them (``mode="generate"``, ``results_path=...``).
     ``policies``: :class:`mpsearch.policy.Policy` objects (or candidates with ``.policy``).
-    ``space``: add the uniform policies the space allows (one per format it names; layers whose
-    group does not allow a format keep the group's first candidate). ``workload``: what
+    ``space``: add the uniform policies the space allows (one per format it names, or per format
+    of ``uniform``; layers whose group does not allow a format keep the group's first candidate). ``workload``: what
     ``measure_model_latency`` times (default ``Workload()``); ``measure_latency=False`` skips
     timing. ``results_path``: JSONL file, resumable. ``fallback``: ``"random"`` (official) or
     ``"none"``. Returns the results in order: baseline, uniform policies, then ``policies``
@@ -98,7 +106,7 @@ def evaluate(
     baseline = _baseline_policy(model)
     ordered: list[Any] = [baseline] if include_baselines else []
     if space is not None and include_baselines:
-        ordered += _uniform_policies(model, space, baseline, layers)
+        ordered += _uniform_policies(model, space, baseline, layers, cfg.uniform)
     for p in policies:
         ordered.append(getattr(p, "policy", p))
     unique: dict[str, Any] = {}
