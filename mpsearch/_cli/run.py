@@ -8,8 +8,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="profile -> latency -> search -> refine -> evaluate -> export -> plots",
         description="Run the whole pipeline. Without CONFIG it runs on the shipped demo model and synthetic "
-                    "benchmark with the CPU search space and the auto budgets of RunConfig (memory: uniform 4-bit's "
-                    "weight memory; no latency budget). Finished stages are reused when rerun with the same inputs.")
+                    "benchmark with the CPU search space and RunConfig's budget (memory: auto:2.5, the weight memory at "
+                    "2.5 bits per weight; no latency budget). Finished stages are reused when rerun with the same inputs.")
     p.add_argument("config", nargs="?", default=None, help="run config YAML (mpsearch_run: 1); see examples/")
     p.add_argument("-o", "--out", default=None, help="output folder (default: the config's 'out', runs/demo)")
     p.add_argument("--budget-ms", type=float, default=None, help="latency budget in ms (overrides the config)")
