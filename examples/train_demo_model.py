@@ -53,8 +53,8 @@ from mpsearch.tasks import synthetic  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_demo_model_v1 as base  # noqa: E402  (the first demo's recipe: building, batching, schedule)
 from train_demo_model_v1 import (  # noqa: E402,F401
-    Encoder, evaluate_generate, evaluate_letters, lr_at, open_variant, optimizer_step, param_groups, save_state,
-    vision_feats)
+    Encoder, adamw, evaluate_generate, evaluate_letters, lr_at, open_variant, optimizer_step, param_groups,
+    save_state, set_lr, vision_feats)
 from mpsearch.tasks.prompts import option_letters, parse_options  # noqa: E402
 
 DEFAULT_OUT = ROOT / "mpsearch" / "demo"
@@ -353,13 +353,10 @@ def main(argv=None):
     if stage == 1:
         params = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
                   + list(head.parameters()))
-        opt = torch.optim.AdamW(params, lr=args.stage1_lr, weight_decay=0.01)
-        if opt_state is not None:
-            opt.load_state_dict(opt_state)
+        opt = adamw(params, args.stage1_lr, opt_state)
         bar = tqdm(total=args.stage1_steps, initial=step, desc="stage 1 (vision)", mininterval=5)
         while step < args.stage1_steps:
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, args.stage1_steps, args.stage1_lr, 100)
+            set_lr(opt, lr_at(step, args.stage1_steps, args.stage1_lr, 100))
             pairs = synthetic.generate_with_attributes("train", n=args.stage1_batch, seed=args.seed + 1000,
                                                        start=step * args.stage1_batch)
             rows, attrs = zip(*pairs)
@@ -383,14 +380,11 @@ def main(argv=None):
     # ---- stage 1.5: the letter lookup, text only
     if stage == 1.5:
         lm_params = [p_ for n_, p_ in model.named_parameters() if "vision_tower" not in n_ and "multi_modal_projector" not in n_]
-        opt = torch.optim.AdamW(lm_params, lr=args.lr, weight_decay=0.01)
-        if opt_state is not None:
-            opt.load_state_dict(opt_state)
+        opt = adamw(lm_params, args.lr, opt_state)
         image_id = model.config.image_token_id
         bar = tqdm(total=args.pointer_steps, initial=step, desc="stage 1.5 (letters)", mininterval=5)
         while step < args.pointer_steps:
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, args.pointer_steps, args.lr, 50)
+            set_lr(opt, lr_at(step, args.pointer_steps, args.lr, 50))
             pairs = synthetic.generate_with_attributes("train", n=args.pointer_batch, seed=args.seed + 3000,
                                                        start=step * args.pointer_batch)
             b = text_only(enc(*zip(*[pointer_variant(r, a) for r, a in pairs])), image_id)
@@ -419,9 +413,7 @@ def main(argv=None):
     for p_ in frozen:
         p_.requires_grad_(False)
     trained = [p for p in model.parameters() if id(p) not in fid]
-    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
+    opt = adamw(trained, args.lr, opt_state)
     check = synthetic.generate_with_attributes("train", n=9, seed=args.seed)
     variants = [lambda r, a: (r, r["answer"]), open_variant, pointer_variant]
     mixed = [variants[i % 3](r, a) for i, (r, a) in enumerate(check)]
@@ -430,8 +422,7 @@ def main(argv=None):
     n_open = int(round(args.batch * args.open_frac))
     n_pointer = int(round(args.batch * args.pointer_frac))
     while step < args.stage2_steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.stage2_steps, args.lr, 200)
+        set_lr(opt, lr_at(step, args.stage2_steps, args.lr, 200))
         pairs = synthetic.generate_with_attributes("train", n=args.batch, seed=args.seed, start=step * args.batch)
         samples, answers = [], []
         for j, (r, a) in enumerate(pairs):

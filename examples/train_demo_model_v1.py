@@ -391,6 +391,20 @@ def lr_at(step, total, base, warmup):
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def adamw(params, lr, state=None):
+    """AdamW (weight decay 0.01) over ``params`` (tensors or groups), resumed from ``state`` when given."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    if state is not None:
+        opt.load_state_dict(state)
+    return opt
+
+
+def set_lr(opt, lr) -> None:
+    """Every parameter group's learning rate: ``lr`` times the group's ``scale`` (1 without one)."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("scale", 1.0)
+
+
 def optimizer_step(opt, loss, params, bar) -> None:
     """One update: gradients of ``loss``, clipped to norm 1 over ``params``, an ``opt`` step, the bar."""
     opt.zero_grad(set_to_none=True)
@@ -496,13 +510,10 @@ def main(argv=None):
     # ---- stage 1: vision tower + attribute head
     if stage == 1:
         params = list(model.model.vision_tower.parameters()) + list(head.parameters())
-        opt = torch.optim.AdamW(params, lr=args.stage1_lr, weight_decay=0.01)
-        if opt_state is not None:
-            opt.load_state_dict(opt_state)
+        opt = adamw(params, args.stage1_lr, opt_state)
         bar = tqdm(total=args.stage1_steps, initial=step, desc="stage 1 (vision)", mininterval=5)
         while step < args.stage1_steps:
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, args.stage1_steps, args.stage1_lr, 100)
+            set_lr(opt, lr_at(step, args.stage1_steps, args.stage1_lr, 100))
             pairs = synthetic.generate_with_attributes("train", n=args.stage1_batch, seed=args.seed + 1000,
                                                        start=step * args.stage1_batch)
             rows, attrs = zip(*pairs)
@@ -529,18 +540,15 @@ def main(argv=None):
     vision_params = list(model.model.vision_tower.parameters())
     vid = {id(p) for p in vision_params}
     other = [p for p in model.parameters() if id(p) not in vid]
-    opt = torch.optim.AdamW([{"params": vision_params, "scale": args.vision_lr_scale},
-                             {"params": other, "scale": 1.0}], lr=args.lr, weight_decay=0.01)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
+    opt = adamw([{"params": vision_params, "scale": args.vision_lr_scale}, {"params": other, "scale": 1.0}],
+                args.lr, opt_state)
     check = synthetic.generate_with_attributes("train", n=10, seed=args.seed)
     mixed = [open_variant(r, a) if i % 2 else (r, r["answer"]) for i, (r, a) in enumerate(check)]
     enc.verify([m[0] for m in mixed], [m[1] for m in mixed])
     bar = tqdm(total=args.stage2_steps, initial=step, desc="stage 2 (VLM)", mininterval=5)
     n_open = int(round(args.batch * args.open_frac))
     while step < args.stage2_steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.stage2_steps, args.lr, 200) * g["scale"]
+        set_lr(opt, lr_at(step, args.stage2_steps, args.lr, 200))
         pairs = synthetic.generate_with_attributes("train", n=args.batch, seed=args.seed, start=step * args.batch)
         samples, answers = [], []
         for j, (r, a) in enumerate(pairs):

@@ -302,8 +302,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunSumma
         log(f"[search] latency budget {budget_ms:.3f} ms" + (" (auto: the fastest uniform >= 8-bit policy, "
                                                              "predicted)" if cfg.budget_ms == "auto" else ""))
     if budget_mb is not None:
-        how = {"auto": " (auto: uniform 4-bit's weight memory)"}.get(str(cfg.budget_mb), "")
-        if str(cfg.budget_mb).startswith("auto:"):
+        how = ""
+        if cfg.budget_mb == "auto":
+            how = " (auto: uniform 4-bit's weight memory)"
+        elif isinstance(cfg.budget_mb, str):  # auto:<bits>, the only other string the schema allows
             how = f" ({cfg.budget_mb}: the weight memory at {cfg.budget_mb[5:]} bits per weight)"
         log(f"[search] memory budget {budget_mb:.3f} MiB" + how)
     front_path = out / "front.json"
