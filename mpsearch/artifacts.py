@@ -62,23 +62,78 @@ def provenance(**extra: Any) -> dict[str, Any]:
     return prov
 
 
+#: CPU features that select different matmul kernels (int8 VNNI, bf16 dot products, AMX):
+#: two CPUs with one marketing name ("AMD EPYC") and different sets time formats differently.
+KERNEL_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+
+
+def parse_cpuinfo(text: str) -> dict[str, Any]:
+    r"""Model name, family / model numbers and flags of the first processor in ``/proc/cpuinfo``.
+
+    Example:
+        >>> parse_cpuinfo("model name : AMD EPYC\ncpu family : 26\nmodel : 2\nflags : fpu avx512_vnni\n")
+        {'model name': 'AMD EPYC', 'cpu family': '26', 'model': '2', 'flags': ['fpu', 'avx512_vnni']}
+    """
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if out:
+                break
+            continue
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in ("model name", "cpu family", "model", "flags", "Features") and key not in out:
+            out["flags" if key == "Features" else key] = value.split() if key in ("flags", "Features") else value
+    return out
+
+
+def cpu_description(cpuinfo: Mapping[str, Any], capability: str | None, cores: int | None) -> str:
+    """``cpu: <model name> (<cores> cores; family F model M; <ATen capability>; <kernel flags>)``.
+
+    The family / model numbers and the kernel-relevant flags are part of the name because a
+    latency table is keyed by it: "AMD EPYC" covers CPUs with and without int8 VNNI and bf16
+    dot products, whose int8 and bf16 timings differ by several times.
+
+    Example:
+        >>> cpu_description({"model name": "AMD EPYC", "cpu family": "26", "model": "2",
+        ...                  "flags": ["avx2", "avx512_vnni", "avx512_bf16"]}, "AVX512", 2)
+        'cpu: AMD EPYC (2 cores; family 26 model 2; AVX512; avx512_vnni avx512_bf16)'
+    """
+    parts = [f"{cores} cores"]
+    if cpuinfo.get("cpu family") is not None:
+        parts.append(f"family {cpuinfo['cpu family']} model {cpuinfo.get('model', '?')}")
+    if capability:
+        parts.append(capability)
+    flags = set(cpuinfo.get("flags") or ())
+    kernel = [f for f in KERNEL_CPU_FLAGS if f in flags]
+    if kernel:
+        parts.append(" ".join(kernel))
+    name = cpuinfo.get("model name") or platform.processor() or platform.machine()
+    return f"cpu: {name} ({'; '.join(parts)})"
+
+
 def device_name(device: Any = None) -> str:
-    """Human-readable name of a device: the GPU's name, or the CPU model with thread count."""
+    """Human-readable name of a device: the GPU's name, or the CPU with what picks its kernels.
+
+    On CPU: model name, core count, family / model numbers, ATen's dispatch capability
+    (``torch.backends.cpu.get_cpu_capability()``) and the flags in :data:`KERNEL_CPU_FLAGS`
+    (see :func:`cpu_description`).
+    """
     import torch
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(dev)
-    cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+            info = parse_cpuinfo(fh.read())
     except OSError:
-        pass
-    return f"cpu: {cpu} ({os.cpu_count()} cores)"
+        info = {}
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = None
+    return cpu_description(info, capability, os.cpu_count())
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

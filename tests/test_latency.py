@@ -718,3 +718,21 @@ def test_thread_check_warns_when_one_thread_wins(llava, monkeypatch):
     assert any("1 thread runs" in m for m in msgs)
     assert t.meta["threads"] == 2 and t.meta["thread_check"]["one_thread_faster"]
     assert t.to_dict()["provenance"]["threads"] == 2
+
+
+def test_cpu_device_name_tells_apart_cpus_that_share_a_marketing_name():
+    """Latency caches are keyed by the device name: a Zen 3 and a Zen 5 "AMD EPYC" time int8
+    and bf16 several times apart, so their names must differ (family/model, kernel flags)."""
+    from mpsearch.artifacts import cpu_description, parse_cpuinfo
+
+    zen3 = parse_cpuinfo("processor : 0\nmodel name : AMD EPYC\ncpu family : 25\nmodel : 1\n"
+                         "flags : fpu avx2 fma\n\nprocessor : 1\nmodel name : other\n")
+    zen5 = parse_cpuinfo("processor : 0\nmodel name : AMD EPYC\ncpu family : 26\nmodel : 2\n"
+                         "flags : fpu avx2 avx512f avx512_vnni avx512_bf16\n")
+    assert zen3 == {"model name": "AMD EPYC", "cpu family": "25", "model": "1", "flags": ["fpu", "avx2", "fma"]}
+    a, b = cpu_description(zen3, "AVX2", 2), cpu_description(zen5, "AVX512", 2)
+    assert a == "cpu: AMD EPYC (2 cores; family 25 model 1; AVX2)"
+    assert b == "cpu: AMD EPYC (2 cores; family 26 model 2; AVX512; avx512_vnni avx512_bf16)"
+    # an Arm board: no family, its flags under "Features"
+    arm = parse_cpuinfo("processor : 0\nFeatures : fp asimd\nCPU part : 0xd0c\n")
+    assert cpu_description(arm, "DEFAULT", 4).endswith("(4 cores; DEFAULT)")
