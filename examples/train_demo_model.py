@@ -26,15 +26,16 @@ rounds" what did not work):
   evaluation builds, mixed with the same pictures asked open-ended (the answer word) and as
   letter lookups;
 * stage 3 (optional, ``--stage3-steps``, off by default): everything trained, tower and
-  projector included, at ``--stage3-lr``, on stage 2's mixture continuing the train stream.
-  Measured from the shipped weights (600 steps, 3e-4, 622 s): 79.5% on the 1,008 validation
-  questions against 79.1% without it (perception 82.7 vs 80.4, reasoning 75.4 vs 77.5), so
-  the shipped model does not use it (docs/benchmarks.md, earlier rounds).
+  projector included, at ``--stage3-lr``, on stage 2's mixture continuing the train stream
+  (``--stage3-frozen-vision``: tower and projector stay frozen, stage 2 continued on a new
+  schedule). Measured from the shipped weights (600 steps, 3e-4, 622 s): 79.5% on the 1,008
+  validation questions against 79.1% without it (perception 82.7 vs 80.4, reasoning 75.4 vs
+  77.5), so the shipped model does not use it (docs/benchmarks.md, "Demo model").
 
 Deterministic: the data of step ``t`` is rows ``[t*B, (t+1)*B)`` of the train stream, so the
-same seed and thread count give the same weights (checked on a shortened run: two runs of 6+6+6
-steps wrote byte-identical safetensors), and a resumed run continues where the checkpoint was
-taken (``<out>/_train_state/``).
+same seed, thread count and kind of CPU give the same weights (checked on a shortened run: two
+runs of 6+6+6 steps wrote byte-identical safetensors), and a resumed run continues where the
+checkpoint was taken (``<out>/_train_state/``).
 """
 from __future__ import annotations
 
@@ -280,6 +281,8 @@ def main(argv=None):
     ap.add_argument("--stage3-steps", type=int, default=0,
                     help="stage 3: the whole VLM, tower and projector unfrozen, on stage 2's mixture")
     ap.add_argument("--stage3-lr", type=float, default=3e-4)
+    ap.add_argument("--stage3-frozen-vision", action="store_true",
+                    help="stage 3 keeps the tower and projector frozen (stage 2 continued on a new schedule)")
     ap.add_argument("--open-frac", type=float, default=0.1875)
     ap.add_argument("--pointer-frac", type=float, default=0.25,
                     help="share of each stage-2 batch whose question is its own answer word (letter lookup)")
@@ -472,11 +475,13 @@ def main(argv=None):
     # With the language model trained, its gradients into the tower carry the task; stage 3
     # continues the train stream after stage 2's rows.
     if stage == 3:
+        vision = {id(p) for p in list(model.model.vision_tower.parameters())
+                  + list(model.model.multi_modal_projector.parameters())}
         for p_ in model.parameters():
-            p_.requires_grad_(True)
-        trained = list(model.parameters())
+            p_.requires_grad_(not (args.stage3_frozen_vision and id(p_) in vision))
+        trained = [p for p in model.parameters() if p.requires_grad]
         opt = adamw(trained, args.stage3_lr, opt_state)
-        bar = tqdm(total=args.stage3_steps, initial=step, desc="stage 3 (all)", mininterval=5)
+        bar = tqdm(total=args.stage3_steps, initial=step, desc="stage 3 (LM)" if args.stage3_frozen_vision else "stage 3 (all)", mininterval=5)
         while step < args.stage3_steps:
             set_lr(opt, lr_at(step, args.stage3_steps, args.stage3_lr, 50))
             mixture_step(opt, trained, bar, (args.stage2_steps + step) * args.batch, "stage 3", "stage3",
