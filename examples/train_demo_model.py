@@ -481,7 +481,8 @@ def main(argv=None):
             p_.requires_grad_(not (args.stage3_frozen_vision and id(p_) in vision))
         trained = [p for p in model.parameters() if p.requires_grad]
         opt = adamw(trained, args.stage3_lr, opt_state)
-        bar = tqdm(total=args.stage3_steps, initial=step, desc="stage 3 (LM)" if args.stage3_frozen_vision else "stage 3 (all)", mininterval=5)
+        desc = "stage 3 (LM)" if args.stage3_frozen_vision else "stage 3 (all)"
+        bar = tqdm(total=args.stage3_steps, initial=step, desc=desc, mininterval=5)
         while step < args.stage3_steps:
             set_lr(opt, lr_at(step, args.stage3_steps, args.stage3_lr, 50))
             mixture_step(opt, trained, bar, (args.stage2_steps + step) * args.batch, "stage 3", "stage3",
