@@ -30,7 +30,8 @@ rounds" what did not work):
   (``--stage3-frozen-vision``: tower and projector stay frozen, stage 2 continued on a new
   schedule). Measured from the shipped weights (600 steps, 3e-4, 622 s): 79.5% on the 1,008
   validation questions against 79.1% without it (perception 82.7 vs 80.4, reasoning 75.4 vs
-  77.5), so the shipped model does not use it (docs/benchmarks.md, "Demo model").
+  77.5); with the tower frozen (600 steps, 5e-4) 79.4%. The shipped model does not use it
+  (docs/benchmarks.md, "Demo model").
 
 Deterministic: the data of step ``t`` is rows ``[t*B, (t+1)*B)`` of the train stream, so the
 same seed, thread count and kind of CPU give the same weights (checked on a shortened run: two
