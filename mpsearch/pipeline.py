@@ -413,8 +413,9 @@ def relevant_uniform(space: Any, layers: Sequence[Any], lat: Any, model: Any, bu
     be exported, it cannot beat the export (which is within the budgets, so smaller or faster
     than it), and it shows no speed-up over full precision. Measured on the demo (2-core AVX2
     CPU): uniform bf16 (119 ms, 12.5 MiB) and torch.int8wo (46 ms, 7.1 MiB) against fp32's
-    29 ms, each costing a full evaluation pass (122 s and 30 s of the run's 471 s).
-    ``baselines: all`` evaluates every uniform policy.
+    29 ms, each costing a full evaluation pass (122 s and 30 s of the run's 471 s). Which ones
+    qualify depends on the CPU: on an AVX-512 VNNI/bf16 one bf16 ran as fast as fp32 (12.0 vs
+    12.4 ms) and was evaluated. ``baselines: all`` evaluates every uniform policy.
 
     Example:
         >>> fmts, notes = relevant_uniform(space, layers, lat, model, None, 4.6)   # doctest: +SKIP
