@@ -327,6 +327,8 @@ def main(argv=None):
     enc = Encoder(processor)
     counts = param_groups(model)
     print("parameters:", counts, flush=True)
+    vision_params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    vision_ids = {id(p_) for p_ in vision_params}
 
     val_rows = synthetic.generate("validation", seed=0)
     val_pairs = synthetic.generate_with_attributes("validation", n=args.eval_n, seed=0)
@@ -363,8 +365,7 @@ def main(argv=None):
     model.train()
     # ---- stage 1: vision tower + attribute head
     if stage == 1:
-        params = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-                  + list(head.parameters()))
+        params = vision_params + list(head.parameters())
         opt = adamw(params, args.stage1_lr, opt_state)
         bar = tqdm(total=args.stage1_steps, initial=step, desc="stage 1 (vision)", mininterval=5)
         while step < args.stage1_steps:
@@ -391,7 +392,7 @@ def main(argv=None):
 
     # ---- stage 1.5: the letter lookup, text only
     if stage == 1.5:
-        lm_params = [p_ for n_, p_ in model.named_parameters() if "vision_tower" not in n_ and "multi_modal_projector" not in n_]
+        lm_params = [p_ for p_ in model.parameters() if id(p_) not in vision_ids]
         opt = adamw(lm_params, args.lr, opt_state)
         image_id = model.config.image_token_id
         bar = tqdm(total=args.pointer_steps, initial=step, desc="stage 1.5 (letters)", mininterval=5)
@@ -423,51 +424,56 @@ def main(argv=None):
     n_open = int(round(args.batch * args.open_frac))
     n_pointer = int(round(args.batch * args.pointer_frac))
 
-    def mixture_step(opt, trained, bar, row0, name, log_key, eval_now):
-        """One step on stage 2's mixture: train rows ``[row0, row0 + batch)``, open / letter / MCQ."""
-        pairs = synthetic.generate_with_attributes("train", n=args.batch, seed=args.seed, start=row0)
-        samples, answers = [], []
-        for j, (r, a) in enumerate(pairs):
-            if j < n_open:
-                r, ans = open_variant(r, a)
-            elif j < n_open + n_pointer:
-                r, ans = pointer_variant(r, a)
-            else:
-                ans = r["answer"]
-            samples.append(r)
-            answers.append(ans)
-        b = enc(samples, answers)
-        outp = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                     pixel_values=b["pixel_values"], labels=b["labels"])
-        optimizer_step(opt, outp.loss, trained, bar)
-        if eval_now:
-            acc, per = evaluate_letters(model, enc, val_rows[: args.eval_n], by_skill=True)
-            log.setdefault(log_key, []).append({"step": step + 1, "elapsed_s": round(elapsed(), 1),
-                                                "cpu_s": round(cpu(), 1), "loss": round(outp.loss.item(), 4),
-                                                "val_acc": round(acc, 4), "n": args.eval_n})
-            tqdm.write(f"[{name}] step {step + 1} {elapsed():.0f}s loss {outp.loss.item():.3f} "
-                       f"val acc ({args.eval_n}) {acc:.3f} " + " ".join(f"{k}={v:.2f}" for k, v in per.items()))
+    def set_trainable(freeze_vision: bool) -> list:
+        """Every parameter trainable but the tower's and projector's when ``freeze_vision``;
+        the trainable ones, in the model's order."""
+        for p_ in model.parameters():
+            p_.requires_grad_(not (freeze_vision and id(p_) in vision_ids))
+        return [p_ for p_ in model.parameters() if p_.requires_grad]
+
+    def mixture_stage(trained, lr, total, warmup, row_offset, name, log_key, desc):
+        """Stage 2's loop (stage 3 reuses it): step ``t`` trains on rows ``(row_offset + t) * B``
+        onward of the train stream, open / letter / MCQ; evaluates and checkpoints on schedule."""
+        nonlocal step
+        opt = adamw(trained, lr, opt_state)
+        bar = tqdm(total=total, initial=step, desc=desc, mininterval=5)
+        while step < total:
+            set_lr(opt, lr_at(step, total, lr, warmup))
+            pairs = synthetic.generate_with_attributes("train", n=args.batch, seed=args.seed,
+                                                       start=(row_offset + step) * args.batch)
+            samples, answers = [], []
+            for j, (r, a) in enumerate(pairs):
+                if j < n_open:
+                    r, ans = open_variant(r, a)
+                elif j < n_open + n_pointer:
+                    r, ans = pointer_variant(r, a)
+                else:
+                    ans = r["answer"]
+                samples.append(r)
+                answers.append(ans)
+            b = enc(samples, answers)
+            outp = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                         pixel_values=b["pixel_values"], labels=b["labels"])
+            optimizer_step(opt, outp.loss, trained, bar)
+            step += 1
+            if step % args.eval_every == 0 or step == total:
+                acc, per = evaluate_letters(model, enc, val_rows[: args.eval_n], by_skill=True)
+                log.setdefault(log_key, []).append({"step": step, "elapsed_s": round(elapsed(), 1),
+                                                    "cpu_s": round(cpu(), 1), "loss": round(outp.loss.item(), 4),
+                                                    "val_acc": round(acc, 4), "n": args.eval_n})
+                tqdm.write(f"[{name}] step {step} {elapsed():.0f}s loss {outp.loss.item():.3f} "
+                           f"val acc ({args.eval_n}) {acc:.3f} " + " ".join(f"{k}={v:.2f}" for k, v in per.items()))
+            if step % args.ckpt_every == 0 or step == total:
+                checkpoint(opt)
+        bar.close()
 
     check = synthetic.generate_with_attributes("train", n=9, seed=args.seed)
     variants = [lambda r, a: (r, r["answer"]), open_variant, pointer_variant]
     mixed = [variants[i % 3](r, a) for i, (r, a) in enumerate(check)]
     enc.verify([m[0] for m in mixed], [m[1] for m in mixed])
     if stage == 2:
-        frozen = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-        fid = {id(p) for p in frozen}
-        for p_ in frozen:
-            p_.requires_grad_(False)
-        trained = [p for p in model.parameters() if id(p) not in fid]
-        opt = adamw(trained, args.lr, opt_state)
-        bar = tqdm(total=args.stage2_steps, initial=step, desc="stage 2 (VLM)", mininterval=5)
-        while step < args.stage2_steps:
-            set_lr(opt, lr_at(step, args.stage2_steps, args.lr, 200))
-            mixture_step(opt, trained, bar, step * args.batch, "stage 2", "stage2",
-                         (step + 1) % args.eval_every == 0 or step + 1 == args.stage2_steps)
-            step += 1
-            if step % args.ckpt_every == 0 or step == args.stage2_steps:
-                checkpoint(opt)
-        bar.close()
+        mixture_stage(set_trainable(freeze_vision=True), args.lr, args.stage2_steps, 200, 0,
+                      "stage 2", "stage2", "stage 2 (VLM)")
         if args.stage3_steps:
             stage, step, opt_state = 3, 0, None
             checkpoint(None)
@@ -476,22 +482,9 @@ def main(argv=None):
     # With the language model trained, its gradients into the tower carry the task; stage 3
     # continues the train stream after stage 2's rows.
     if stage == 3:
-        vision = {id(p) for p in list(model.model.vision_tower.parameters())
-                  + list(model.model.multi_modal_projector.parameters())}
-        for p_ in model.parameters():
-            p_.requires_grad_(not (args.stage3_frozen_vision and id(p_) in vision))
-        trained = [p for p in model.parameters() if p.requires_grad]
-        opt = adamw(trained, args.stage3_lr, opt_state)
-        desc = "stage 3 (LM)" if args.stage3_frozen_vision else "stage 3 (all)"
-        bar = tqdm(total=args.stage3_steps, initial=step, desc=desc, mininterval=5)
-        while step < args.stage3_steps:
-            set_lr(opt, lr_at(step, args.stage3_steps, args.stage3_lr, 50))
-            mixture_step(opt, trained, bar, (args.stage2_steps + step) * args.batch, "stage 3", "stage3",
-                         (step + 1) % args.eval_every == 0 or step + 1 == args.stage3_steps)
-            step += 1
-            if step % args.ckpt_every == 0 or step == args.stage3_steps:
-                checkpoint(opt)
-        bar.close()
+        frozen = args.stage3_frozen_vision
+        mixture_stage(set_trainable(freeze_vision=frozen), args.stage3_lr, args.stage3_steps, 50,
+                      args.stage2_steps, "stage 3", "stage3", "stage 3 (LM)" if frozen else "stage 3 (all)")
 
     acc, per = evaluate_letters(model, enc, val_rows, by_skill=True)
     log["final"] = {"validation_accuracy": acc, "per_subject": per, "n": len(val_rows)}
