@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -82,8 +83,9 @@ def parse_cpuinfo(text: str) -> dict[str, Any]:
             continue
         key, _, value = line.partition(":")
         key, value = key.strip(), value.strip()
-        if key in ("model name", "cpu family", "model", "flags", "Features") and key not in out:
-            out["flags" if key == "Features" else key] = value.split() if key in ("flags", "Features") else value
+        key = "flags" if key == "Features" else key  # Arm's name for the flags
+        if key in ("model name", "cpu family", "model", "flags") and key not in out:
+            out[key] = value.split() if key == "flags" else value
     return out
 
 
@@ -124,6 +126,14 @@ def device_name(device: Any = None) -> str:
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(dev)
+    return _cpu_device_name()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_device_name() -> str:
+    """:func:`cpu_description` of this machine, read once per process (the CPU does not change)."""
+    import torch
+
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             info = parse_cpuinfo(fh.read())
