@@ -97,9 +97,13 @@ GLOBAL_HEADS = {"count": MAX_COUNT + 1, "largest": 6, "tallest": 6, "shortest": 
                 **{f"kind_{k}": 6 for k in synthetic.SHAPES}}
 #: Per token: what its own grid cell holds (class 0 / 6 = empty): the local features first.
 TOKEN_HEADS = {"kind": 4, "colour": 7}
+#: Stage 3's auxiliary head adds the kind of an *occupied* cell (3 classes, empty cells -100) to
+#: :data:`TOKEN_HEADS`' kind-or-empty: the shipped v2 tower encodes it at chance (a linear probe
+#: on its tokens: 0.34), which is why "What colour is the circle?" stays near 46%.
+OCCUPIED_KIND_HEAD = {"kind_occ": 3}
 
 
-def attr_targets(attrs_list, kind_on_occupied: bool = False):
+def attr_targets(attrs_list, kind_on_occupied: bool = False, occupied_kind: bool = False):
     """Classification targets of the scene attributes (-100 where one does not apply).
 
     Scene-level (:data:`GLOBAL_HEADS`) per picture, shape (pictures,); per grid cell the kind
@@ -108,12 +112,14 @@ def attr_targets(attrs_list, kind_on_occupied: bool = False):
     cell holds a shape (empty cells -100). Without it the head scores 0.945 while naming the
     kind of an occupied cell at chance (0.35 after 200 steps; 0.71 with it): ~92% of cells are
     empty (docs/benchmarks.md, "Third round"). Off by default: the shipped v2 was trained without.
+    ``occupied_kind``: also ``tok_kind_occ``, the kind on occupied cells only, beside the
+    kind-or-empty target (:data:`OCCUPIED_KIND_HEAD`).
     """
     col = {c: i for i, c in enumerate(synthetic.COLOURS)}
     kind = {k: i + 1 for i, k in enumerate(synthetic.SHAPES)}
     n = len(attrs_list)
     t = {k: torch.full((n,), -100, dtype=torch.long) for k in GLOBAL_HEADS}
-    for k in TOKEN_HEADS:
+    for k in (*TOKEN_HEADS, *(OCCUPIED_KIND_HEAD if occupied_kind else ())):
         t["tok_" + k] = torch.full((n, N_CELLS), -100, dtype=torch.long)
     for i, a in enumerate(attrs_list):
         if "count" in a:
@@ -139,6 +145,8 @@ def attr_targets(attrs_list, kind_on_occupied: bool = False):
         for j, cell in enumerate(cells):
             t["tok_kind"][i, j] = (-100 if kind_on_occupied else 0) if cell is None else kind[cell[0]]
             t["tok_colour"][i, j] = 6 if cell is None else col[cell[1]]
+            if occupied_kind and cell is not None:
+                t["tok_kind_occ"][i, j] = kind[cell[0]] - 1
     return t
 
 
@@ -159,10 +167,10 @@ class AttrHead(nn.Module):
     (the projector's output, RMS-normalized as its input norm does): each token predicts the
     scene-level facts and its own cell's content. Dropped after stage 1."""
 
-    def __init__(self, hidden: int, n_side: int):
+    def __init__(self, hidden: int, n_side: int, token_heads: dict | None = None):
         super().__init__()
         self.register_buffer("cell_of", cell_of_patch(n_side), persistent=False)
-        heads = {**GLOBAL_HEADS, **{"tok_" + k: n for k, n in TOKEN_HEADS.items()}}
+        heads = {**GLOBAL_HEADS, **{"tok_" + k: n for k, n in (token_heads or TOKEN_HEADS).items()}}
         self.heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in heads.items()})
 
     def forward(self, tokens):  # tokens: (B, n_tokens, hidden) projected image tokens
@@ -249,11 +257,11 @@ def summarize_attrs(acc):
 
 
 @torch.no_grad()
-def evaluate_attrs(model, head, enc, pairs, kind_on_occupied: bool = False):
+def evaluate_attrs(model, head, enc, pairs, kind_on_occupied: bool = False, occupied_kind: bool = False):
     model.eval()
     rows, attrs = zip(*pairs)
     logits = head(image_tokens(model, enc.pixels([r["image_1"] for r in rows])))
-    t = expand_tokens(attr_targets(attrs, kind_on_occupied), head)
+    t = expand_tokens(attr_targets(attrs, kind_on_occupied, occupied_kind), head)
     acc = {}
     for k, lg in logits.items():
         m = t[k] != -100
@@ -264,6 +272,30 @@ def evaluate_attrs(model, head, enc, pairs, kind_on_occupied: bool = False):
 
 
 # ----------------------------------------------------------------------------- training
+def init_from(model, source: Path, log: dict) -> tuple[float, int]:
+    """Load a saved model's weights (stages 1-2 already trained) into ``model`` and carry its
+    training log into ``log`` (its stage curves, elapsed and CPU seconds, so the total time still
+    counts them), recording the source and its weights' SHA-256. Returns the stage to start at."""
+    import hashlib
+
+    from transformers import AutoModelForImageTextToText
+    weights = Path(source) / "model.safetensors"
+    if not weights.is_file():
+        raise SystemExit(f"--init-from {source}: no model.safetensors there")
+    saved = AutoModelForImageTextToText.from_pretrained(source).state_dict()
+    missing, unexpected = model.load_state_dict(saved, strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"--init-from {source}: not this recipe's architecture "
+                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    prior = json.loads((Path(source) / "training_log.json").read_text())
+    for k in ("stage1", "stage1_5", "stage2", "elapsed_s", "cpu_s"):
+        if k in prior:
+            log[k] = prior[k]
+    log["init_from"] = {"path": str(source), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+                        "args": prior.get("args"), "final": prior.get("final")}
+    return 2.5 if log["args"]["stage3_aux"] else 3, 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -284,6 +316,16 @@ def main(argv=None):
     ap.add_argument("--stage3-lr", type=float, default=3e-4)
     ap.add_argument("--stage3-frozen-vision", action="store_true",
                     help="stage 3 keeps the tower and projector frozen (stage 2 continued on a new schedule)")
+    ap.add_argument("--stage3-aux", type=float, default=0.0,
+                    help="stage 3: weight of an auxiliary loss, stage 1's scene and cell heads plus the kind of "
+                         "occupied cells, on the image tokens (0: off); a stage 2.5 first fits those heads alone")
+    ap.add_argument("--stage3-vision-scale", type=float, default=1.0,
+                    help="stage 3: the tower's, projector's and auxiliary heads' learning rate, times --stage3-lr")
+    ap.add_argument("--aux-fit-steps", type=int, default=150,
+                    help="stage 2.5: steps fitting stage 3's auxiliary heads on the frozen model (with --stage3-aux)")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start at stage 2.5/3 from a saved model (e.g. mpsearch/demo) and its training_log.json "
+                         "instead of training stages 1-2; the log records the source's SHA-256")
     ap.add_argument("--open-frac", type=float, default=0.1875)
     ap.add_argument("--pointer-frac", type=float, default=0.25,
                     help="share of each stage-2 batch whose question is its own answer word (letter lookup)")
@@ -338,14 +380,22 @@ def main(argv=None):
            "parameters": counts, "stage1": [], "stage2": [], "elapsed_s": 0.0}
     stage, step = 1, 0
     opt_state = None
+    aux_head, aux_state = None, None
     ckpt = state_dir / "state.pt"
-    if ckpt.exists():
+    if ckpt.exists() and args.init_from is not None and not args.fresh:
+        raise SystemExit(f"{ckpt} exists: resume without --init-from, or add --fresh")
+    if args.init_from is not None:
+        if not args.stage3_steps:
+            raise SystemExit("--init-from starts at stage 3: give --stage3-steps")
+        stage, step = init_from(model, args.init_from, log)
+    elif ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
         if st["args"]["seed"] != args.seed:
             raise SystemExit(f"{ckpt} was trained with seed {st['args']['seed']}; use --fresh")
         model.load_state_dict(st["model"])
         head.load_state_dict(st["head"])
         stage, step, log, opt_state = st["stage"], st["step"], st["log"], st["opt"]
+        aux_state = st.get("aux_head")
         print(f"resumed from {ckpt}: stage {stage} step {step}", flush=True)
     elapsed0, cpu0 = log["elapsed_s"], log.get("cpu_s", 0.0)
     t0, c0 = time.time(), time.process_time()
@@ -359,6 +409,7 @@ def main(argv=None):
     def checkpoint(opt):
         log["elapsed_s"], log["cpu_s"] = elapsed(), cpu()
         save_state(state_dir, model=model.state_dict(), head=head.state_dict(),
+                   aux_head=None if aux_head is None else aux_head.state_dict(),
                    opt=None if opt is None else opt.state_dict(),
                    stage=stage, step=step, log=log, args=vars(args) | {"out": str(out)})
 
@@ -431,11 +482,24 @@ def main(argv=None):
             p_.requires_grad_(not (freeze_vision and id(p_) in vision_ids))
         return [p_ for p_ in model.parameters() if p_.requires_grad]
 
-    def mixture_stage(trained, lr, total, warmup, row_offset, name, log_key, desc):
+    def mixture_stage(trained, lr, total, warmup, row_offset, name, log_key, desc, aux=None, vision_scale=1.0):
         """Stage 2's loop (stage 3 reuses it): step ``t`` trains on rows ``(row_offset + t) * B``
-        onward of the train stream, open / letter / MCQ; evaluates and checkpoints on schedule."""
+        onward of the train stream, open / letter / MCQ; evaluates and checkpoints on schedule.
+        ``aux``: ``(head, weight)``, the head's attribute loss on the projected image tokens of the
+        same forward pass added at ``weight`` (the head trained too). ``vision_scale``: the tower's,
+        projector's and head's learning rate is ``lr`` times this."""
         nonlocal step
-        opt = adamw(trained, lr, opt_state)
+        captured = []
+        if aux is not None:
+            trained = trained + list(aux[0].parameters())
+            hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.append(o))
+        if vision_scale == 1.0:
+            opt = adamw(trained, lr, opt_state)
+        else:
+            lm_ids = {id(p_) for p_ in model.parameters() if id(p_) not in vision_ids}
+            opt = adamw([{"params": [p_ for p_ in trained if id(p_) in lm_ids], "scale": 1.0},
+                         {"params": [p_ for p_ in trained if id(p_) not in lm_ids], "scale": vision_scale}],
+                        lr, opt_state)
         bar = tqdm(total=total, initial=step, desc=desc, mininterval=5)
         while step < total:
             set_lr(opt, lr_at(step, total, lr, warmup))
@@ -452,20 +516,34 @@ def main(argv=None):
                 samples.append(r)
                 answers.append(ans)
             b = enc(samples, answers)
+            captured.clear()
             outp = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                          pixel_values=b["pixel_values"], labels=b["labels"])
-            optimizer_step(opt, outp.loss, trained, bar)
+            loss = outp.loss
+            if aux is not None:
+                (tokens,) = captured
+                aux_targets = expand_tokens(attr_targets([a for _, a in pairs], occupied_kind=True), aux[0])
+                loss = loss + aux[1] * attr_loss(aux[0](tokens), aux_targets)
+            optimizer_step(opt, loss, trained, bar)
             step += 1
             if step % args.eval_every == 0 or step == total:
                 acc, per = evaluate_letters(model, enc, val_rows[: args.eval_n], by_skill=True)
-                log.setdefault(log_key, []).append({"step": step, "elapsed_s": round(elapsed(), 1),
-                                                    "cpu_s": round(cpu(), 1), "loss": round(outp.loss.item(), 4),
-                                                    "val_acc": round(acc, 4), "n": args.eval_n})
+                entry = {"step": step, "elapsed_s": round(elapsed(), 1), "cpu_s": round(cpu(), 1),
+                         "loss": round(outp.loss.item(), 4), "val_acc": round(acc, 4), "n": args.eval_n}
+                line = ""
+                if aux is not None:
+                    attr = summarize_attrs(evaluate_attrs(model, aux[0], enc, val_pairs, occupied_kind=True))
+                    entry["attr_acc"] = {k: round(v, 3) for k, v in attr.items()}
+                    line = " | attr " + " ".join(f"{k}={v:.2f}" for k, v in attr.items())
+                log.setdefault(log_key, []).append(entry)
                 tqdm.write(f"[{name}] step {step} {elapsed():.0f}s loss {outp.loss.item():.3f} "
-                           f"val acc ({args.eval_n}) {acc:.3f} " + " ".join(f"{k}={v:.2f}" for k, v in per.items()))
+                           f"val acc ({args.eval_n}) {acc:.3f} " + " ".join(f"{k}={v:.2f}" for k, v in per.items())
+                           + line)
             if step % args.ckpt_every == 0 or step == total:
                 checkpoint(opt)
         bar.close()
+        if aux is not None:
+            hook.remove()
 
     check = synthetic.generate_with_attributes("train", n=9, seed=args.seed)
     variants = [lambda r, a: (r, r["answer"]), open_variant, pointer_variant]
@@ -475,8 +553,42 @@ def main(argv=None):
         mixture_stage(set_trainable(freeze_vision=True), args.lr, args.stage2_steps, 200, 0,
                       "stage 2", "stage2", "stage 2 (VLM)")
         if args.stage3_steps:
-            stage, step, opt_state = 3, 0, None
+            stage, step, opt_state = (2.5 if args.stage3_aux else 3), 0, None
             checkpoint(None)
+
+    # ---- stage 2.5 (with --stage3-aux): stage 3's auxiliary heads fitted alone, model frozen,
+    # so that their loss starts from what the tokens already carry instead of a random readout
+    if args.stage3_aux and stage in (2.5, 3):
+        torch.manual_seed(args.seed + 5000)
+        aux_head = AttrHead(CONFIG["text_hidden"], CONFIG["image_size"] // CONFIG["patch_size"],
+                            {**TOKEN_HEADS, **OCCUPIED_KIND_HEAD})
+        if aux_state is not None:
+            aux_head.load_state_dict(aux_state)
+    if stage == 2.5:
+        params = list(aux_head.parameters())
+        opt = adamw(params, args.stage1_lr, opt_state)
+        bar = tqdm(total=args.aux_fit_steps, initial=step, desc="stage 2.5 (aux heads)", mininterval=5)
+        while step < args.aux_fit_steps:
+            set_lr(opt, lr_at(step, args.aux_fit_steps, args.stage1_lr, 20))
+            pairs = synthetic.generate_with_attributes("train", n=args.stage1_batch, seed=args.seed + 1000,
+                                                       start=(args.stage1_steps + step) * args.stage1_batch)
+            rows, attrs = zip(*pairs)
+            with torch.no_grad():
+                tokens = image_tokens(model, enc.pixels([r["image_1"] for r in rows]))
+            loss = attr_loss(aux_head(tokens), expand_tokens(attr_targets(attrs, occupied_kind=True), aux_head))
+            optimizer_step(opt, loss, params, bar)
+            step += 1
+            if step == args.aux_fit_steps:
+                acc = summarize_attrs(evaluate_attrs(model, aux_head, enc, val_pairs, occupied_kind=True))
+                log["stage2_5"] = {"step": step, "elapsed_s": round(elapsed(), 1), "loss": round(loss.item(), 4),
+                                   "attr_acc": {k: round(v, 3) for k, v in acc.items()}}
+                tqdm.write(f"[stage 2.5] step {step} {elapsed():.0f}s loss {loss.item():.3f} attr acc "
+                           + " ".join(f"{k}={v:.2f}" for k, v in acc.items()))
+            if step % args.ckpt_every == 0 or step == args.aux_fit_steps:
+                checkpoint(opt)
+        bar.close()
+        stage, step, opt_state = 3, 0, None
+        checkpoint(None)
 
     # ---- stage 3 (optional): everything trained, at a lower rate, on the same mixture
     # With the language model trained, its gradients into the tower carry the task; stage 3
@@ -484,7 +596,9 @@ def main(argv=None):
     if stage == 3:
         frozen = args.stage3_frozen_vision
         mixture_stage(set_trainable(freeze_vision=frozen), args.stage3_lr, args.stage3_steps, 50,
-                      args.stage2_steps, "stage 3", "stage3", "stage 3 (LM)" if frozen else "stage 3 (all)")
+                      args.stage2_steps, "stage 3", "stage3", "stage 3 (LM)" if frozen else "stage 3 (all)",
+                      aux=(aux_head, args.stage3_aux) if args.stage3_aux else None,
+                      vision_scale=args.stage3_vision_scale)
 
     acc, per = evaluate_letters(model, enc, val_rows, by_skill=True)
     log["final"] = {"validation_accuracy": acc, "per_subject": per, "n": len(val_rows)}
