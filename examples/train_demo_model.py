@@ -185,12 +185,14 @@ def expand_tokens(targets, head: "AttrHead"):
             for k, v in targets.items()}
 
 
-def attr_loss(logits, targets):
+def attr_loss(logits, targets, weights: dict | None = None):
+    """Sum over the heads of their cross-entropy (times ``weights[head]``, 1 where absent)."""
     total = 0.0
     for k, lg in logits.items():
         t = targets[k]
         if (t != -100).any():
-            total = total + nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), t.reshape(-1), ignore_index=-100)
+            ce = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), t.reshape(-1), ignore_index=-100)
+            total = total + (ce if weights is None or k not in weights else weights[k] * ce)
     return total
 
 
@@ -321,6 +323,15 @@ def main(argv=None):
                          "occupied cells, on the image tokens (0: off); a stage 2.5 first fits those heads alone")
     ap.add_argument("--stage3-vision-scale", type=float, default=1.0,
                     help="stage 3: the tower's, projector's and auxiliary heads' learning rate, times --stage3-lr")
+    ap.add_argument("--refresh-steps", type=int, default=0,
+                    help="stage 2.75 (with --stage3-aux): tower and projector trained on the auxiliary loss, "
+                         "the language model frozen")
+    ap.add_argument("--refresh-lr-scale", type=float, default=0.5, help="stage 2.75's rate, times --stage1-lr")
+    ap.add_argument("--refresh-lm-weight", type=float, default=1.0,
+                    help="stage 2.75: the frozen language model's loss weight, beside the auxiliary loss")
+    ap.add_argument("--aux-kind-weight", type=float, default=1.0,
+                    help="stages 2.75/3: weight of the kind heads (occupied cell's kind, each kind's colour) "
+                         "within the auxiliary loss")
     ap.add_argument("--aux-fit-steps", type=int, default=150,
                     help="stage 2.5: steps fitting stage 3's auxiliary heads on the frozen model (with --stage3-aux)")
     ap.add_argument("--init-from", type=Path, default=None,
@@ -331,6 +342,9 @@ def main(argv=None):
                     help="share of each stage-2 batch whose question is its own answer word (letter lookup)")
     ap.add_argument("--kind-on-occupied", action="store_true",
                     help="stage 1: the per-cell kind target on occupied cells only (see attr_targets)")
+    ap.add_argument("--occupied-kind", action="store_true",
+                    help="stage 1: a second per-cell kind head scored on occupied cells only, beside the "
+                         "kind-or-empty one (weighted by --aux-kind-weight, as are the kind-colour heads)")
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--eval-n", type=int, default=270)
     ap.add_argument("--ckpt-every", type=int, default=200)
@@ -374,7 +388,9 @@ def main(argv=None):
 
     val_rows = synthetic.generate("validation", seed=0)
     val_pairs = synthetic.generate_with_attributes("validation", n=args.eval_n, seed=0)
-    head = AttrHead(CONFIG["text_hidden"], CONFIG["image_size"] // CONFIG["patch_size"])
+    head = AttrHead(CONFIG["text_hidden"], CONFIG["image_size"] // CONFIG["patch_size"],
+                    {**TOKEN_HEADS, **OCCUPIED_KIND_HEAD} if args.occupied_kind else None)
+    aux_weights = {"tok_kind_occ": args.aux_kind_weight, **{f"kind_{k}": args.aux_kind_weight for k in synthetic.SHAPES}}
 
     log = {"config": CONFIG, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "parameters": counts, "stage1": [], "stage2": [], "elapsed_s": 0.0}
@@ -425,11 +441,12 @@ def main(argv=None):
                                                        start=step * args.stage1_batch)
             rows, attrs = zip(*pairs)
             logits = head(image_tokens(model, enc.pixels([r["image_1"] for r in rows])))
-            loss = attr_loss(logits, expand_tokens(attr_targets(attrs, args.kind_on_occupied), head))
+            loss = attr_loss(logits, expand_tokens(attr_targets(attrs, args.kind_on_occupied, args.occupied_kind), head),
+                             aux_weights if args.occupied_kind else None)
             optimizer_step(opt, loss, params, bar)
             step += 1
             if step % args.eval_every == 0 or step == args.stage1_steps:
-                acc = evaluate_attrs(model, head, enc, val_pairs, args.kind_on_occupied)
+                acc = evaluate_attrs(model, head, enc, val_pairs, args.kind_on_occupied, args.occupied_kind)
                 log["stage1"].append({"step": step, "elapsed_s": round(elapsed(), 1), "cpu_s": round(cpu(), 1),
                                       "loss": round(loss.item(), 4),
                                       "attr_acc": {k: round(v, 3) for k, v in summarize_attrs(acc).items()}})
@@ -482,12 +499,14 @@ def main(argv=None):
             p_.requires_grad_(not (freeze_vision and id(p_) in vision_ids))
         return [p_ for p_ in model.parameters() if p_.requires_grad]
 
-    def mixture_stage(trained, lr, total, warmup, row_offset, name, log_key, desc, aux=None, vision_scale=1.0):
+    def mixture_stage(trained, lr, total, warmup, row_offset, name, log_key, desc, aux=None, vision_scale=1.0,
+                      lm_weight=1.0):
         """Stage 2's loop (stage 3 reuses it): step ``t`` trains on rows ``(row_offset + t) * B``
         onward of the train stream, open / letter / MCQ; evaluates and checkpoints on schedule.
         ``aux``: ``(head, weight)``, the head's attribute loss on the projected image tokens of the
         same forward pass added at ``weight`` (the head trained too). ``vision_scale``: the tower's,
-        projector's and head's learning rate is ``lr`` times this."""
+        projector's and head's learning rate is ``lr`` times this. ``lm_weight``: the language-model
+        loss's weight (beside the auxiliary loss's)."""
         nonlocal step
         captured = []
         if aux is not None:
@@ -519,11 +538,11 @@ def main(argv=None):
             captured.clear()
             outp = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                          pixel_values=b["pixel_values"], labels=b["labels"])
-            loss = outp.loss
+            loss = outp.loss if lm_weight == 1.0 else lm_weight * outp.loss
             if aux is not None:
                 (tokens,) = captured
                 aux_targets = expand_tokens(attr_targets([a for _, a in pairs], occupied_kind=True), aux[0])
-                loss = loss + aux[1] * attr_loss(aux[0](tokens), aux_targets)
+                loss = loss + aux[1] * attr_loss(aux[0](tokens), aux_targets, aux_weights)
             optimizer_step(opt, loss, trained, bar)
             step += 1
             if step % args.eval_every == 0 or step == total:
@@ -558,7 +577,9 @@ def main(argv=None):
 
     # ---- stage 2.5 (with --stage3-aux): stage 3's auxiliary heads fitted alone, model frozen,
     # so that their loss starts from what the tokens already carry instead of a random readout
-    if args.stage3_aux and stage in (2.5, 3):
+    if args.refresh_steps and not args.stage3_aux:
+        raise SystemExit("--refresh-steps trains on the auxiliary heads: give --stage3-aux too")
+    if args.stage3_aux and stage in (2.5, 2.75, 3):
         torch.manual_seed(args.seed + 5000)
         aux_head = AttrHead(CONFIG["text_hidden"], CONFIG["image_size"] // CONFIG["patch_size"],
                             {**TOKEN_HEADS, **OCCUPIED_KIND_HEAD})
@@ -587,6 +608,19 @@ def main(argv=None):
             if step % args.ckpt_every == 0 or step == args.aux_fit_steps:
                 checkpoint(opt)
         bar.close()
+        stage, step, opt_state = (2.75 if args.refresh_steps else 3), 0, None
+        checkpoint(None)
+
+    # ---- stage 2.75 (optional, --refresh-steps): the tower and projector trained on the
+    # auxiliary heads' loss at stage 1's rate, the language model frozen but its loss (at
+    # --refresh-lm-weight) flowing back into the tower, so the tokens learn what stage 1 left out
+    # (the kind of an occupied cell) while staying readable by the trained language model
+    if stage == 2.75:
+        for p_ in model.parameters():
+            p_.requires_grad_(id(p_) in vision_ids)
+        mixture_stage(list(vision_params), args.stage1_lr * args.refresh_lr_scale, args.refresh_steps, 20,
+                      args.stage2_steps, "stage 2.75", "stage2_75", "stage 2.75 (tower refresh)",
+                      aux=(aux_head, 1.0), lm_weight=args.refresh_lm_weight)
         stage, step, opt_state = 3, 0, None
         checkpoint(None)
 
@@ -596,7 +630,7 @@ def main(argv=None):
     if stage == 3:
         frozen = args.stage3_frozen_vision
         mixture_stage(set_trainable(freeze_vision=frozen), args.stage3_lr, args.stage3_steps, 50,
-                      args.stage2_steps, "stage 3", "stage3", "stage 3 (LM)" if frozen else "stage 3 (all)",
+                      args.stage2_steps + args.refresh_steps, "stage 3", "stage3", "stage 3 (LM)" if frozen else "stage 3 (all)",
                       aux=(aux_head, args.stage3_aux) if args.stage3_aux else None,
                       vision_scale=args.stage3_vision_scale)
 
