@@ -33,6 +33,24 @@ rounds" what did not work):
   77.5); with the tower frozen (600 steps, 5e-4) 79.4%. The shipped model does not use it
   (docs/benchmarks.md, "Demo model").
 
+Options tried to teach the tower the kind of an occupied cell (the shipped v2 tower encodes it
+at chance: "What colour is the circle?" is answered 46% right), all off by default:
+
+* ``--occupied-kind`` (stage 1): a second per-cell kind head scored on occupied cells only,
+  beside the kind-or-empty head (so the empty cells keep their target), weighted with the
+  kind-colour heads by ``--aux-kind-weight``;
+* ``--stage3-aux W`` (stage 3): stage 1's heads plus that occupied-kind head as an auxiliary loss
+  on the image tokens of the same forward pass, at weight ``W``; a stage 2.5 fits those heads
+  alone first (``--aux-fit-steps``), and ``--refresh-steps`` adds a stage 2.75 training the tower
+  and projector on it with the language model frozen (its loss, at ``--refresh-lm-weight``,
+  flowing back into the tower); ``--stage3-vision-scale`` scales the tower's rate;
+* ``--init-from DIR`` starts at stage 2.5/3 from a saved model (stages 1-2 done), carrying its
+  training log and recording its SHA-256.
+
+Measured from the shipped weights (docs/benchmarks.md, "Fourth round"): the occupied-cell kind
+stays near chance (0.38) under stage 3's auxiliary loss, and reaches 0.54 only with a tower
+refresh at 10x kind weight, while accuracy falls (72% on 135 questions); no gain, not shipped.
+
 Deterministic: the data of step ``t`` is rows ``[t*B, (t+1)*B)`` of the train stream, so the
 same seed, thread count and kind of CPU give the same weights (checked on a shortened run: two
 runs of 6+6+6 steps wrote byte-identical safetensors), and a resumed run continues where the
