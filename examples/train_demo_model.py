@@ -50,6 +50,9 @@ at chance: "What colour is the circle?" is answered 46% right), all off by defau
 Measured from the shipped weights (docs/benchmarks.md, "Fourth round"): the occupied-cell kind
 stays near chance (0.38) under stage 3's auxiliary loss, and reaches 0.54 only with a tower
 refresh at 10x kind weight, while accuracy falls (72% on 135 questions); no gain, not shipped.
+``--occupied-kind --aux-kind-weight 2 --stage1-steps 1200`` from scratch: each kind's colour
+0.91 after stage 1 (v2 0.45), but the bar heads fell to ~0.35 and stage 2 learned slowly (34% at
+step 1200 against v2's 63%); stopped, not shipped.
 
 Deterministic: the data of step ``t`` is rows ``[t*B, (t+1)*B)`` of the train stream, so the
 same seed, thread count and kind of CPU give the same weights (checked on a shortened run: two
