@@ -213,7 +213,7 @@ def attr_loss(logits, targets, weights: dict | None = None):
         t = targets[k]
         if (t != -100).any():
             ce = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), t.reshape(-1), ignore_index=-100)
-            total = total + (ce if weights is None or k not in weights else weights[k] * ce)
+            total = total + (weights or {}).get(k, 1.0) * ce
     return total
 
 
@@ -452,30 +452,40 @@ def main(argv=None):
 
     model.train()
     # ---- stage 1: vision tower + attribute head
-    if stage == 1:
-        params = vision_params + list(head.parameters())
+    def heads_stage(head_, params, total, warmup, row_start, name, log_key, desc, occupied_kind, weights,
+                    train_tower):
+        """Stage 1's loop (stage 2.5 reuses it): ``head_``'s attribute loss on the projected image
+        tokens of stage 1's picture stream, step ``t`` on rows ``(row_start + t) * B`` onward;
+        the tokens' graph is kept only when ``train_tower``. Evaluates and checkpoints on schedule."""
+        nonlocal step
         opt = adamw(params, args.stage1_lr, opt_state)
-        bar = tqdm(total=args.stage1_steps, initial=step, desc="stage 1 (vision)", mininterval=5)
-        while step < args.stage1_steps:
-            set_lr(opt, lr_at(step, args.stage1_steps, args.stage1_lr, 100))
+        bar = tqdm(total=total, initial=step, desc=desc, mininterval=5)
+        while step < total:
+            set_lr(opt, lr_at(step, total, args.stage1_lr, warmup))
             pairs = synthetic.generate_with_attributes("train", n=args.stage1_batch, seed=args.seed + 1000,
-                                                       start=step * args.stage1_batch)
+                                                       start=(row_start + step) * args.stage1_batch)
             rows, attrs = zip(*pairs)
-            logits = head(image_tokens(model, enc.pixels([r["image_1"] for r in rows])))
-            loss = attr_loss(logits, expand_tokens(attr_targets(attrs, args.kind_on_occupied, args.occupied_kind), head),
-                             aux_weights if args.occupied_kind else None)
+            with torch.set_grad_enabled(train_tower):
+                tokens = image_tokens(model, enc.pixels([r["image_1"] for r in rows]))
+            targets = attr_targets(attrs, args.kind_on_occupied, occupied_kind)
+            loss = attr_loss(head_(tokens), expand_tokens(targets, head_), weights)
             optimizer_step(opt, loss, params, bar)
             step += 1
-            if step % args.eval_every == 0 or step == args.stage1_steps:
-                acc = evaluate_attrs(model, head, enc, val_pairs, args.kind_on_occupied, args.occupied_kind)
-                log["stage1"].append({"step": step, "elapsed_s": round(elapsed(), 1), "cpu_s": round(cpu(), 1),
-                                      "loss": round(loss.item(), 4),
-                                      "attr_acc": {k: round(v, 3) for k, v in summarize_attrs(acc).items()}})
-                tqdm.write(f"[stage 1] step {step} {elapsed():.0f}s loss {loss.item():.3f} attr acc "
-                           + " ".join(f"{k}={v:.2f}" for k, v in summarize_attrs(acc).items()))
-            if step % args.ckpt_every == 0 or step == args.stage1_steps:
+            if step % args.eval_every == 0 or step == total:
+                acc = summarize_attrs(evaluate_attrs(model, head_, enc, val_pairs, args.kind_on_occupied, occupied_kind))
+                log.setdefault(log_key, []).append({"step": step, "elapsed_s": round(elapsed(), 1),
+                                                    "cpu_s": round(cpu(), 1), "loss": round(loss.item(), 4),
+                                                    "attr_acc": {k: round(v, 3) for k, v in acc.items()}})
+                tqdm.write(f"[{name}] step {step} {elapsed():.0f}s loss {loss.item():.3f} attr acc "
+                           + " ".join(f"{k}={v:.2f}" for k, v in acc.items()))
+            if step % args.ckpt_every == 0 or step == total:
                 checkpoint(opt)
         bar.close()
+
+    if stage == 1:
+        heads_stage(head, vision_params + list(head.parameters()), args.stage1_steps, 100, 0, "stage 1", "stage1",
+                    "stage 1 (vision)", args.occupied_kind, aux_weights if args.occupied_kind else None,
+                    train_tower=True)
         stage, step, opt_state = 1.5, 0, None
         checkpoint(None)
 
@@ -513,11 +523,11 @@ def main(argv=None):
     n_open = int(round(args.batch * args.open_frac))
     n_pointer = int(round(args.batch * args.pointer_frac))
 
-    def set_trainable(freeze_vision: bool) -> list:
-        """Every parameter trainable but the tower's and projector's when ``freeze_vision``;
-        the trainable ones, in the model's order."""
+    def set_trainable(freeze_vision: bool = False, freeze_lm: bool = False) -> list:
+        """Every parameter trainable but the tower's and projector's when ``freeze_vision``, and
+        the language model's when ``freeze_lm``; the trainable ones, in the model's order."""
         for p_ in model.parameters():
-            p_.requires_grad_(not (freeze_vision and id(p_) in vision_ids))
+            p_.requires_grad_(not (freeze_vision if id(p_) in vision_ids else freeze_lm))
         return [p_ for p_ in model.parameters() if p_.requires_grad]
 
     def mixture_stage(trained, lr, total, warmup, row_offset, name, log_key, desc, aux=None, vision_scale=1.0,
@@ -532,7 +542,8 @@ def main(argv=None):
         captured = []
         if aux is not None:
             trained = trained + list(aux[0].parameters())
-            hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.append(o))
+            hook = model.model.multi_modal_projector.register_forward_hook(
+                lambda m, i, o: captured.append(o) if torch.is_grad_enabled() else None)
         if vision_scale == 1.0:
             opt = adamw(trained, lr, opt_state)
         else:
@@ -559,7 +570,7 @@ def main(argv=None):
             captured.clear()
             outp = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                          pixel_values=b["pixel_values"], labels=b["labels"])
-            loss = outp.loss if lm_weight == 1.0 else lm_weight * outp.loss
+            loss = lm_weight * outp.loss
             if aux is not None:
                 (tokens,) = captured
                 aux_targets = expand_tokens(attr_targets([a for _, a in pairs], occupied_kind=True), aux[0])
@@ -607,28 +618,8 @@ def main(argv=None):
         if aux_state is not None:
             aux_head.load_state_dict(aux_state)
     if stage == 2.5:
-        params = list(aux_head.parameters())
-        opt = adamw(params, args.stage1_lr, opt_state)
-        bar = tqdm(total=args.aux_fit_steps, initial=step, desc="stage 2.5 (aux heads)", mininterval=5)
-        while step < args.aux_fit_steps:
-            set_lr(opt, lr_at(step, args.aux_fit_steps, args.stage1_lr, 20))
-            pairs = synthetic.generate_with_attributes("train", n=args.stage1_batch, seed=args.seed + 1000,
-                                                       start=(args.stage1_steps + step) * args.stage1_batch)
-            rows, attrs = zip(*pairs)
-            with torch.no_grad():
-                tokens = image_tokens(model, enc.pixels([r["image_1"] for r in rows]))
-            loss = attr_loss(aux_head(tokens), expand_tokens(attr_targets(attrs, occupied_kind=True), aux_head))
-            optimizer_step(opt, loss, params, bar)
-            step += 1
-            if step == args.aux_fit_steps:
-                acc = summarize_attrs(evaluate_attrs(model, aux_head, enc, val_pairs, occupied_kind=True))
-                log["stage2_5"] = {"step": step, "elapsed_s": round(elapsed(), 1), "loss": round(loss.item(), 4),
-                                   "attr_acc": {k: round(v, 3) for k, v in acc.items()}}
-                tqdm.write(f"[stage 2.5] step {step} {elapsed():.0f}s loss {loss.item():.3f} attr acc "
-                           + " ".join(f"{k}={v:.2f}" for k, v in acc.items()))
-            if step % args.ckpt_every == 0 or step == args.aux_fit_steps:
-                checkpoint(opt)
-        bar.close()
+        heads_stage(aux_head, list(aux_head.parameters()), args.aux_fit_steps, 20, args.stage1_steps, "stage 2.5",
+                    "stage2_5", "stage 2.5 (aux heads)", occupied_kind=True, weights=None, train_tower=False)
         stage, step, opt_state = (2.75 if args.refresh_steps else 3), 0, None
         checkpoint(None)
 
@@ -637,9 +628,7 @@ def main(argv=None):
     # --refresh-lm-weight) flowing back into the tower, so the tokens learn what stage 1 left out
     # (the kind of an occupied cell) while staying readable by the trained language model
     if stage == 2.75:
-        for p_ in model.parameters():
-            p_.requires_grad_(id(p_) in vision_ids)
-        mixture_stage(list(vision_params), args.stage1_lr * args.refresh_lr_scale, args.refresh_steps, 20,
+        mixture_stage(set_trainable(freeze_lm=True), args.stage1_lr * args.refresh_lr_scale, args.refresh_steps, 20,
                       args.stage2_steps, "stage 2.75", "stage2_75", "stage 2.75 (tower refresh)",
                       aux=(aux_head, 1.0), lm_weight=args.refresh_lm_weight)
         stage, step, opt_state = 3, 0, None
